@@ -1,0 +1,1 @@
+"""Subcommands of the ``diffaug`` CLI, one module each (see :mod:`diffaug.cli`)."""
