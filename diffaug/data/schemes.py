@@ -85,8 +85,11 @@ SCHEMES: dict[str, ClassScheme] = {
         ClassScheme("consep", {1: "other", 2: "inflammatory", 3: "healthy epithelial",
                                4: "dysplastic/malignant epithelial", 5: "fibroblast", 6: "muscle", 7: "endothelial"}),
         ClassScheme("consep-hovernet", {1: "other", 2: "inflammatory", 3: "epithelial", 4: "spindle-shaped"}),
-        ClassScheme("glysac", {1: "other", 2: "other-2", 3: "epithelial", 4: "lymphocyte", 5: "lymphocyte-2",
-                               6: "lymphocyte-3", 7: "lymphocyte-4", 8: "epithelial-2", 9: "other-3", 10: "other-4"}),
+        # GLySAC's raw classes are known here only through the merge (SPEC §1), so each is named after the class it
+        # merges into, with its raw id: {1,2,9,10} other, {4,5,6,7} lymphocyte, {3,8} epithelial.
+        ClassScheme("glysac", {k: f"{merged} (raw {k})" for merged, ks in
+                               (("other", (1, 2, 9, 10)), ("lymphocyte", (4, 5, 6, 7)), ("epithelial", (3, 8)))
+                               for k in ks}),
         ClassScheme("glysac-3", {1: "other", 2: "lymphocyte", 3: "epithelial"}),
         ClassScheme("lizard", {1: "neutrophil", 2: "epithelial", 3: "lymphocyte", 4: "plasma", 5: "eosinophil",
                                6: "connective"}),
