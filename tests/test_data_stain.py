@@ -67,3 +67,11 @@ def test_missing_extra_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "staintools", None)  # makes `import staintools` raise ImportError
     with pytest.raises(MissingExtraError, match=r"diffaug\[stain\]"):
         StainNormalizer("vahadane")
+
+
+def test_importing_diffaug_data_does_not_import_staintools():
+    import subprocess
+    from pathlib import Path
+
+    code = "import sys, diffaug.data; assert not {'staintools', 'spams', 'cv2'} & set(sys.modules), sys.modules.keys()"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -31,8 +31,8 @@ def _staintools() -> Any:
     try:
         import spams  # noqa: F401
         import staintools
-    except ImportError:
-        raise MissingExtraError("staintools", "stain", "Stain normalisation") from None
+    except ImportError as exc:  # chained: a missing libGL (staintools' OpenCV) shows up in the cause
+        raise MissingExtraError("staintools", "stain", "Stain normalisation") from exc
     return staintools
 
 
