@@ -45,6 +45,15 @@ def _rewrite(folder: Path, **changes: np.ndarray) -> Path:
     return path
 
 
+def _paint_nucleus(folder: Path, inst_id: int, cls: int) -> tuple[Path, int]:
+    """Give every pixel of nucleus ``inst_id`` class ``cls`` in the type map; returns the file and the pixel count."""
+    arrays = _arrays(folder / f"{NAME}.npz")
+    types = arrays["type_map"].copy()
+    sel = arrays["inst_map"] == inst_id
+    types[sel] = cls
+    return _rewrite(folder, type_map=types), int(sel.sum())
+
+
 def _read(folder: Path, **kwargs) -> None:
     TileFolder(folder, **kwargs).read(NAME)
 
@@ -93,10 +102,7 @@ def test_malformed_classes_json(folder):
 
 
 def test_classes_out_of_range(folder):
-    arrays = _arrays(folder / f"{NAME}.npz")
-    bad = arrays["type_map"].copy()
-    bad[arrays["inst_map"] == 1] = 9
-    path = _rewrite(folder, type_map=bad)
+    path, _ = _paint_nucleus(folder, 1, 9)
     with pytest.raises(DataFormatError, match=rf"{path}: type_map has class 9, out of range .*'consep'.*1..7"):
         _read(folder, classes="raw")
     with pytest.raises(DataFormatError, match=str(path)):
@@ -114,11 +120,7 @@ def test_wrong_dtype(folder):
 
 
 def test_type_inst_foreground_mismatch(folder):
-    arrays = _arrays(folder / f"{NAME}.npz")
-    bad = arrays["type_map"].copy()
-    bad[arrays["inst_map"] == 3] = 0
-    n = int((arrays["inst_map"] == 3).sum())
-    path = _rewrite(folder, type_map=bad)
+    path, n = _paint_nucleus(folder, 3, 0)
     with pytest.raises(DataFormatError, match=rf"{path}: type_map and inst_map foregrounds disagree on {n} pixels"):
         _read(folder)
 
