@@ -183,6 +183,20 @@ def test_corrupt_tile_is_named(consep_dir: Path, tmp_path: Path) -> None:
         ds[k]
 
 
+def test_stain_normalisation_to_a_target_tile(consep_dir: Path) -> None:
+    from diffaug.data import StainNormalizer, read_image
+
+    target = consep_dir / "train_10_000.png"
+    ds, _ = _open(consep_dir, stain_target=str(target), stain_method="macenko")
+    name = ds.names[ds.tile_index(0)]
+    raw = read_image(consep_dir / f"{name}.png")
+    expected = StainNormalizer("macenko").fit(read_image(target)).transform(raw)
+    tile = ds.read(name)
+    assert np.array_equal(tile.image, expected) and not np.array_equal(tile.image, raw)
+    again, _ = _open(consep_dir, stain_target=str(target), stain_method="macenko")
+    assert torch.equal(ds[0]["image"], again[0]["image"])  # deterministic, so resumable
+
+
 def test_cache_keeps_tiles(consep_dir: Path) -> None:
     ds, _ = _open(consep_dir, cache=True)
     first = ds[0]

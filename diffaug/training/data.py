@@ -30,7 +30,7 @@ import torch
 
 from diffaug.data.schemes import ClassScheme
 from diffaug.data.tiles import Tile, TileFolder
-from diffaug.errors import ConfigError, DataFormatError, MissingExtraError
+from diffaug.errors import ConfigError, DataFormatError
 
 __all__ = ["NUCLEUS_SCHEME", "data_order", "tile_of_sample", "dihedral", "draw_augmentation", "Augmentation",
            "crop_and_augment", "TrainingTiles", "ShardedBatchSampler", "condition_scheme", "fixed_crops",
@@ -118,7 +118,8 @@ def _condition(type_map: np.ndarray | None, inst_map: np.ndarray, num_classes: i
 
 
 class _StainNormaliser:
-    """Lazily built stain normaliser fitted to one target image (staintools through :mod:`diffaug.data.stain`)."""
+    """Stain normalisation to one target image (:class:`diffaug.data.StainNormalizer`), fitted on first use, so
+    that each DataLoader worker fits its own and staintools is imported only when stain normalisation is asked for."""
 
     def __init__(self, target: str, method: str) -> None:
         self.target = Path(target)
@@ -126,22 +127,24 @@ class _StainNormaliser:
         if not self.target.is_file():
             raise DataFormatError(f"data.stain_target: {self.target} not found; pass an RGB tile (PNG) to normalise "
                                   "the stain to, or stain_target=null")
-        self._fitted: Any = None
+        self._normalizer: Any = None
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        if self._fitted is None:
-            self._fitted = self._fit()
-        return self._fitted(image)
+    def __call__(self, image: np.ndarray, where: str) -> np.ndarray:
+        from diffaug.errors import InvalidInputError
 
-    def _fit(self) -> Any:
+        if self._normalizer is None:
+            from diffaug.data.stain import StainNormalizer
+            from diffaug.data.tiles import read_image
+
+            try:
+                self._normalizer = StainNormalizer(self.method).fit(read_image(self.target))  # type: ignore[arg-type]
+            except InvalidInputError as exc:
+                raise DataFormatError(f"data.stain_target {self.target}: {exc}") from None
         try:
-            from diffaug.data import stain
-        except ImportError as exc:  # the module itself, or staintools/spams underneath it
-            raise MissingExtraError("staintools", "stain", "stain normalisation (data.stain_target)") from exc
-        from diffaug.data.tiles import read_image
-
-        target = read_image(self.target)
-        return stain.fit_normalizer(target, method=self.method)  # type: ignore[attr-defined]
+            return self._normalizer.transform(image)
+        except InvalidInputError as exc:
+            raise DataFormatError(f"{where}: stain normalisation failed ({exc}); hold the tile out with data.holdout "
+                                  "or train without data.stain_target") from None
 
 
 class TrainingTiles(torch.utils.data.Dataset):
@@ -155,7 +158,8 @@ class TrainingTiles(torch.utils.data.Dataset):
         names: the training tiles (names in ``folder``).
         size: crop size (the model's image size).
         seed: the run's seed.
-        stain: optional callable image → image applied to each tile after reading.
+        stain: optional callable ``(image, where) -> image`` applied to each tile after reading (``where`` names the
+            tile in errors).
         cache: keep decoded tiles in memory (per process).
     """
 
@@ -191,7 +195,7 @@ class TrainingTiles(torch.utils.data.Dataset):
             raise DataFormatError(f"{self.folder.root / name}.png: tile is {h}x{w}, smaller than the model's image "
                                   f"size {self.size}; remove it or train a smaller model")
         if self.stain is not None:
-            tile.image = self.stain(tile.image)
+            tile.image = self.stain(tile.image, f"{self.folder.root / name}.png")
         if self.cache is not None:
             self.cache[name] = tile
         return tile
