@@ -236,7 +236,7 @@ def test_ddp_two_cpu_processes(consep_dir: Path, tmp_path: Path) -> None:
     """torchrun with 2 processes on gloo: the run finishes, the ranks end with identical weights, rank 0 writes."""
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "diffaug", "train", "--config", "tiny", f"data.root={consep_dir}", f"output_dir={out}",
            *SMALL, "train.max_steps=3", "finetune.max_steps=2", "checkpoint.every=2", "--no-progress"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
