@@ -108,6 +108,23 @@ def test_resume_refuses_a_different_run(consep_dir: Path, tmp_path: Path) -> Non
                      "optim.batch_size=3", "train.lr=1e-4"), progress=False)
 
 
+def test_resume_refuses_changed_data(consep_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "tiles"
+    data.mkdir()
+    names = ["train_1_000", "train_1_001", "train_1_002"]
+    for name in [*names, "train_1_003"]:
+        for ext in (".png", ".npz"):
+            shutil.copy(consep_dir / f"{name}{ext}", (data if name in names else tmp_path) / f"{name}{ext}")
+    shutil.copy(consep_dir / "classes.json", data / "classes.json")
+    train(_small(data, tmp_path / "run", "train.max_steps=3", "finetune.max_steps=0"), stop_after=1, progress=False)
+    for ext in (".png", ".npz"):  # a tile appears in the data folder
+        shutil.copy(tmp_path / f"train_1_003{ext}", data / f"train_1_003{ext}")
+    with pytest.raises(ConfigError, match="the run trained on 3 tiles of .* which now has 4"):
+        train(_small(data, tmp_path / "run", "train.max_steps=3", "finetune.max_steps=0"), progress=False)
+
+
 def test_output_dir_with_foreign_files(consep_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")

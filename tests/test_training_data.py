@@ -52,6 +52,21 @@ def test_sharded_batches_are_disjoint_complete_and_resumable() -> None:
         assert resumed == shards[r][2:]
 
 
+def test_batches_do_not_depend_on_dataloader_workers(consep_dir: Path) -> None:
+    ds, _ = _open(consep_dir)
+
+    def batches(workers: int) -> list[dict[str, torch.Tensor]]:
+        sampler = ShardedBatchSampler(start=5, num_steps=3, batch_size=3, rank=1, world_size=2)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers)
+        return list(loader)
+
+    inline, workers = batches(0), batches(2)
+    assert len(inline) == len(workers) == 3
+    for a, b in zip(inline, workers):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["y"], b["y"])
+    assert torch.equal(inline[0]["image"][0], ds[5 + 3]["image"])  # rank 1 of 2 starts one batch in
+
+
 def test_dihedral_covers_the_eight_symmetries() -> None:
     a = np.arange(12).reshape(3, 4)
     results = {dihedral(a, k, f).tobytes() + bytes(dihedral(a, k, f).shape) for k in range(4) for f in (False, True)}

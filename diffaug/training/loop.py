@@ -339,6 +339,10 @@ class _Trainer:
         if saved_scheme != {"name": self.dataset.scheme.name, "names": dict(self.dataset.scheme.names)}:
             raise ConfigError(f"{state['path']}: the run was trained on classes {saved_scheme}, but {self.cfg.data.root}"
                               f" now loads as {self.dataset.scheme.name!r}; resume on the same data")
+        if state["num_tiles"] != len(self.dataset):
+            raise ConfigError(f"{state['path']}: the run trained on {state['num_tiles']} tiles of {self.cfg.data.root}, "
+                              f"which now has {len(self.dataset)} (after data.holdout); the data order would change. "
+                              "Resume on the same tiles, or start a new output_dir")
         self.model.load_state_dict(state["model"], strict=True)
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -353,7 +357,9 @@ class _Trainer:
         path = checkpoint_path(self.run_dir, self.step)
         if self.ctx.main:
             save_checkpoint(path, {
-                "step": self.step, "samples_seen": self.samples_seen, "world_size": self.ctx.world_size,
+                # data position: global sample samples_seen is next, in epoch samples_seen // num_tiles
+                "step": self.step, "samples_seen": self.samples_seen, "num_tiles": len(self.dataset),
+                "world_size": self.ctx.world_size,
                 "config": config_to_dict(self.cfg),
                 "class_scheme": {"name": self.dataset.scheme.name, "names": dict(self.dataset.scheme.names)},
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
