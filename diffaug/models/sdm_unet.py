@@ -35,10 +35,12 @@ Dropout modules: they keep the original indices.
 The null condition of guidance is ``y`` all zeros; its (γ, β) are those of a zero input (the convolution biases),
 not zero: build it with ``precompute_condition(torch.zeros_like(y))``.
 
-Memory: a :class:`SemanticCondition` holds two tensors (γ, β) per SPADE layer at that layer's feature size and width.
-Per image, that is ``SemanticUNet.condition_numel(H, W)`` numbers: 2.86e8 for DiffMix's 256-px model, i.e.
-0.53 GiB in bfloat16 and 1.07 GiB in float32, and 3.1e6 (12 MiB in float32) for the 64-px fixture model. The
-encoder state kept for the shared pass (the skips) is much smaller: 2.7e7 numbers per 256-px image.
+Memory: a :class:`SemanticCondition` holds two tensors (γ, β) per SPADE layer (50 in DiffMix's model) at that
+layer's feature size and width. Per image, that is ``SemanticUNet.condition_numel(H, W)`` numbers: 5.10e8 for
+DiffMix's 256-px model, i.e. 0.95 GiB in bfloat16 and 1.90 GiB in float32, and 3.93e6 (15 MiB in float32) for the
+64-px fixture model. Guidance doubles it (conditional and null; the null condition of batch 1 can be shared with
+:meth:`SemanticCondition.expand`). The encoder state kept for the shared pass (the skips) is much smaller: 7.1e7
+numbers per 256-px image.
 """
 
 from __future__ import annotations
@@ -689,7 +691,7 @@ class SemanticUNet(nn.Module):
             raise InvalidInputError(f"timesteps must be a tensor of shape ({batch},), one per image, got {shape}")
         if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
             raise InvalidInputError(f"timesteps must be integer original indices, got dtype {timesteps.dtype}")
-        if torch.compiler.is_compiling() or batch == 0:
+        if torch.compiler.is_compiling() or batch == 0 or timesteps.device.type == "meta":
             return
         steps = self.config.num_train_timesteps
         lo, hi = int(timesteps.min()), int(timesteps.max())
