@@ -189,31 +189,26 @@ def test_corrupt_png(small_folder, tmp_path):
            match="train_8_009.png: not a readable image")
 
 
-def test_type_instance_mismatch_in_a_tile(small_folder, tmp_path):
-    with np.load(small_folder / "train_1_004.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    arrays["type_map"][arrays["inst_map"] == 5] = 0
-    np.savez(small_folder / "train_1_004.npz", **arrays)
-    _fails(tmp_path, "--data", small_folder, "--policy", "balance", "--out", tmp_path / "out",
-           match="train_1_004.npz: type_map and inst_map foregrounds disagree")
+def _set_type(arrays, value):
+    arrays["type_map"][arrays["inst_map"] == 5] = value
 
 
-def test_class_out_of_range_in_a_tile(small_folder, tmp_path):
-    with np.load(small_folder / "train_1_004.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    arrays["type_map"][arrays["inst_map"] == 5] = 9
-    np.savez(small_folder / "train_1_004.npz", **arrays)
-    _fails(tmp_path, "--data", small_folder, "--policy", "enlarge", "--out", tmp_path / "out",
-           match="train_1_004.npz type_map has classes [9] that the")
-
-
-def test_wrong_dtype_in_a_tile(small_folder, tmp_path):
-    with np.load(small_folder / "train_24_008.npz") as z:
-        arrays = {k: z[k] for k in z.files}
+def _float_inst(arrays):
     arrays["inst_map"] = arrays["inst_map"].astype(np.float32)
-    np.savez(small_folder / "train_24_008.npz", **arrays)
-    _fails(tmp_path, "--data", small_folder, "--policy", "enlarge", "--out", tmp_path / "out",
-           match="train_24_008.npz: inst_map must hold integers")
+
+
+@pytest.mark.parametrize("tile, corrupt, policy, match", [
+    ("train_1_004", lambda a: _set_type(a, 0), "balance",
+     "train_1_004.npz: type_map and inst_map foregrounds disagree"),
+    ("train_1_004", lambda a: _set_type(a, 9), "enlarge", "train_1_004.npz type_map has classes [9] that the"),
+    ("train_24_008", _float_inst, "enlarge", "train_24_008.npz: inst_map must hold integers"),
+], ids=["type-instance-mismatch", "class-out-of-range", "wrong-dtype"])
+def test_bad_maps_in_a_tile(small_folder, tmp_path, tile, corrupt, policy, match):
+    with np.load(small_folder / f"{tile}.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    corrupt(arrays)
+    np.savez(small_folder / f"{tile}.npz", **arrays)
+    _fails(tmp_path, "--data", small_folder, "--policy", policy, "--out", tmp_path / "out", match=match)
 
 
 def test_balance_on_an_instance_only_folder(monuseg_dir, tmp_path):

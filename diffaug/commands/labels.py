@@ -188,8 +188,8 @@ def _run_job(folder: Any, args: argparse.Namespace, options: dict[str, Any], sta
     from diffaug.data.tiles import write_classes_json
     from diffaug.labels.balance import DonorBank, balance_label_map
     from diffaug.labels.enlarge import enlarge_label_map
-    from diffaug.viz import class_count_chart
     from diffaug.labels.validate import validate_label_map
+    from diffaug.viz import class_count_chart
 
     names = folder.names
     num_classes = folder.scheme.num_classes if folder.has_classes else None
