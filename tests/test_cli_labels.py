@@ -237,3 +237,11 @@ def test_bad_enlarge_flags(small_folder, tmp_path):
            match="--shift-range: expected MIN,MAX")
     _fails(tmp_path, "--data", small_folder, "--policy", "enlarge", "--out", tmp_path / "out", "--shift-range",
            "0,0", match="shift_range must be whole pixels")
+
+
+def test_subcommand_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["labels", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--policy {balance,enlarge}" in out and "--target-distribution" in out and "--shift-range" in out
