@@ -18,37 +18,9 @@ from torch import nn
 from diffaug._io import atomic_write_png
 from diffaug.diffusion import GaussianDiffusion, classifier_free_guidance
 from diffaug.training.data import tensor_to_image
+from diffaug.viz import contact_sheet, overlay_labels
 
-__all__ = ["CLASS_COLOURS", "label_overlay", "ddim_sample", "preview_grid", "write_preview"]
-
-#: RGB colour of each class id in overlays (id 0, background, is never painted); cycles beyond its length.
-CLASS_COLOURS = np.array([[0, 0, 0], [255, 255, 0], [255, 0, 0], [0, 200, 0], [0, 90, 255], [255, 0, 255],
-                          [0, 255, 255], [255, 128, 0], [128, 0, 255], [128, 255, 0], [255, 255, 255]], dtype=np.uint8)
-
-
-def label_overlay(image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray | None, *,
-                  alpha: float = 0.45) -> np.ndarray:
-    """The image with each nucleus tinted by its class colour (instance-only maps: class 1) and its edges drawn.
-
-    Args:
-        image: uint8 (H, W, 3).
-        inst_map: int (H, W), 0 background.
-        type_map: int (H, W) classes, or None.
-        alpha: opacity of the tint.
-
-    Returns:
-        uint8 (H, W, 3).
-    """
-    from diffaug.labels.condition import instance_edges
-
-    classes = (inst_map > 0).astype(np.int64) if type_map is None else type_map.astype(np.int64)
-    colours = CLASS_COLOURS[1:][(classes - 1) % (len(CLASS_COLOURS) - 1)]
-    out = image.astype(np.float32)
-    fg = classes > 0
-    out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
-    edges = instance_edges(inst_map) & fg
-    out[edges] = colours[edges]
-    return out.round().astype(np.uint8)
+__all__ = ["ddim_sample", "write_preview"]
 
 
 @torch.no_grad()
@@ -84,21 +56,6 @@ def ddim_sample(model: nn.Module, diffusion: GaussianDiffusion, y: torch.Tensor,
     return x
 
 
-def preview_grid(rows: Sequence[Sequence[np.ndarray]], *, cell: int = 128, gutter: int = 2) -> np.ndarray:
-    """Tile uint8 images into a grid, each scaled by an integer factor (nearest) to about ``cell`` pixels."""
-    height, width = rows[0][0].shape[:2]
-    scale = max(1, cell // max(height, width))
-    h, w = height * scale, width * scale
-    n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    grid = np.full((n_rows * (h + gutter) + gutter, n_cols * (w + gutter) + gutter, 3), 255, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            big = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
-            top, left = gutter + r * (h + gutter), gutter + c * (w + gutter)
-            grid[top:top + h, left:left + w] = big
-    return grid
-
-
 def write_preview(path: str | os.PathLike[str], model: nn.Module, diffusion: GaussianDiffusion,
                   items: Sequence[dict[str, Any]], *, seed: int, num_inference_steps: int,
                   guidance_scale: float, device: torch.device) -> Path:
@@ -113,6 +70,7 @@ def write_preview(path: str | os.PathLike[str], model: nn.Module, diffusion: Gau
     noise = torch.randn((len(items), 3, size, size), generator=generator).to(device)
     samples = ddim_sample(model, diffusion, y, noise, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale)
-    rows = [[item["image"], label_overlay(item["image"], item["inst_map"], item["type_map"]),
+    rows = [[item["image"], overlay_labels(item["image"], item["inst_map"], item["type_map"]),
              tensor_to_image(sample)] for item, sample in zip(items, samples)]
-    return atomic_write_png(path, preview_grid(rows))
+    side = size * max(1, 128 // size)  # integer nearest-neighbour upscaling keeps pixels crisp
+    return atomic_write_png(path, contact_sheet(rows, header=["real", "labels", "sample"], max_side=side))
