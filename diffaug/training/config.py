@@ -35,7 +35,7 @@ from diffaug.errors import ConfigError
 __all__ = ["DataConfig", "DiffusionConfig", "OptimConfig", "StageConfig", "EMAConfig", "CheckpointConfig",
            "PreviewConfig", "EvalConfig", "TrainConfig", "load_config", "parse_overrides", "apply_overrides",
            "config_from_dict", "config_to_dict", "diff_configs", "load_yaml", "shipped_configs", "resolve_config_path",
-           "RESUMABLE_CHANGES"]
+           "RESUMABLE_CHANGES", "RESERVED_MODEL_KEYS", "unknown_key_message"]
 
 
 @dataclass
@@ -243,11 +243,14 @@ class TrainConfig:
                f"must be <= diffusion.num_train_timesteps ({self.diffusion.num_train_timesteps})")
         _check(self.eval.every >= 0, "eval.every", "must be >= 0 (0 turns evaluation off)")
         _check(self.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
-        reserved = {"num_classes", "class_names", "class_scheme", "scheme"} & set(self.model)
+        reserved = [key for key in RESERVED_MODEL_KEYS if key in self.model]
         if reserved:
-            raise ConfigError(f"model.{sorted(reserved)[0]} cannot be set: the classes come from the data folder's "
-                              "class scheme (data.root, data.classes)")
+            raise ConfigError(f"model.{reserved[0]} cannot be set: the classes come from the data folder's class "
+                              "scheme (data.root, data.classes) and the diffusion settings from the diffusion section")
 
+
+#: Fields of the model config that training fills in from the data folder and the ``diffusion`` section.
+RESERVED_MODEL_KEYS: tuple[str, ...] = ("num_classes", "class_scheme", "class_names", "diffusion")
 
 #: Keys that may differ between a run and its resumption: budgets and reporting, not what a step computes.
 RESUMABLE_CHANGES: frozenset[str] = frozenset({
@@ -296,7 +299,7 @@ def _build(cls: type, data: Any, *, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            raise ConfigError(_unknown_key_message(source, prefix, str(key), list(fields)))
+            raise ConfigError(unknown_key_message(source, prefix, str(key), list(fields)))
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
@@ -307,7 +310,8 @@ def _build(cls: type, data: Any, *, prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
-def _unknown_key_message(source: str, prefix: str, key: str, valid: Sequence[str]) -> str:
+def unknown_key_message(source: str, prefix: str, key: str, valid: Sequence[str]) -> str:
+    """"unknown config key 'PREFIXKEY' (did you mean ...?); valid keys in section ...: ..." for errors."""
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
     section = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"

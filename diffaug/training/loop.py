@@ -45,15 +45,12 @@ from diffaug.data.schemes import ClassScheme
 from diffaug.errors import ConfigError, InvalidInputError
 from diffaug.training.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints,
                                          save_checkpoint)
-from diffaug.training.config import (RESUMABLE_CHANGES, StageConfig, TrainConfig, config_from_dict, config_to_dict,
-                                     diff_configs)
-from diffaug.training.data import ShardedBatchSampler, TrainingTiles, fixed_crops, open_training_data
+from diffaug.training.config import (RESERVED_MODEL_KEYS, RESUMABLE_CHANGES, StageConfig, TrainConfig,
+                                     config_from_dict, config_to_dict, diff_configs, unknown_key_message)
+from diffaug.training.data import ShardedBatchSampler, fixed_crops, image_to_tensor, open_training_data
 from diffaug.training.ema import EMA
 
 __all__ = ["TrainResult", "train", "build_model_config", "learning_rate", "derive_seed", "weights_digest"]
-
-#: Model keys that training fills in from the data and the ``diffusion`` section; the ``model`` section may not.
-RESERVED_MODEL_KEYS = ("num_classes", "class_scheme", "class_names", "diffusion")
 
 # Seed stream tags (see derive_seed).
 _INIT, _STEP, _GLOBAL, _EVAL, _PREVIEW, _LOADER = range(6)
@@ -117,17 +114,10 @@ def build_model_config(cfg: TrainConfig, scheme: ClassScheme, *, source: str = "
 
     fields = {f.name: f for f in dataclasses.fields(SemanticUNetConfig)}
     allowed = sorted(set(fields) - set(RESERVED_MODEL_KEYS))
+    cfg.validate()  # rejects the reserved keys
     for key in cfg.model:
-        if key in RESERVED_MODEL_KEYS:
-            raise ConfigError(f"{source}: model.{key} cannot be set: training takes the classes from the data folder "
-                              "(data.root, data.classes) and the diffusion settings from the diffusion section")
         if key not in fields:
-            import difflib
-
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean model.{close[0]}?)" if close else ""
-            raise ConfigError(f"{source}: unknown config key 'model.{key}'{hint}; valid keys in section 'model': "
-                              f"{', '.join(allowed)}")
+            raise ConfigError(unknown_key_message(source, "model.", key, allowed))
     required = [name for name, f in fields.items() if f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING and name not in RESERVED_MODEL_KEYS]
     missing = [name for name in required if name not in cfg.model]
@@ -337,11 +327,12 @@ class _Trainer:
     def _load(self, state: dict[str, Any]) -> None:
         saved_scheme = state["class_scheme"]
         if saved_scheme != {"name": self.dataset.scheme.name, "names": dict(self.dataset.scheme.names)}:
-            raise ConfigError(f"{state['path']}: the run was trained on classes {saved_scheme}, but {self.cfg.data.root}"
-                              f" now loads as {self.dataset.scheme.name!r}; resume on the same data")
+            raise ConfigError(f"{state['path']}: the run was trained on classes {saved_scheme}, but "
+                              f"{self.cfg.data.root} now loads as {self.dataset.scheme.name!r}; resume on the same data")
         if state["num_tiles"] != len(self.dataset):
-            raise ConfigError(f"{state['path']}: the run trained on {state['num_tiles']} tiles of {self.cfg.data.root}, "
-                              f"which now has {len(self.dataset)} (after data.holdout); the data order would change. "
+            raise ConfigError(f"{state['path']}: the run trained on {state['num_tiles']} tiles of "
+                              f"{self.cfg.data.root}, which now has {len(self.dataset)} (after data.holdout); the data "
+                              "order would change. "
                               "Resume on the same tiles, or start a new output_dir")
         self.model.load_state_dict(state["model"], strict=True)
         self.ema.load_state_dict(state["ema"])
@@ -420,7 +411,7 @@ class _Trainer:
     def _eval_batch(self) -> tuple[torch.Tensor, ...]:
         cfg = self.cfg.eval
         items = fixed_crops(self.dataset, self.holdout, cfg.batch_size)
-        x = torch.stack([_image_tensor(it["image"]) for it in items])
+        x = torch.stack([image_to_tensor(it["image"]) for it in items])
         y = torch.from_numpy(np.stack([it["y"] for it in items]))
         # timesteps evenly spread over [0, T) and fixed noise: the same inputs at every evaluation
         t = ((torch.arange(len(items), dtype=torch.float64) + 0.5) * self.diffusion.num_timesteps / len(items)).long()
@@ -537,12 +528,6 @@ class _Trainer:
             })
         ctx.barrier()
         return TrainResult(self.run_dir, self.step, True, model_dir, resumed_from)
-
-
-def _image_tensor(image: np.ndarray) -> torch.Tensor:
-    from diffaug.training.data import image_to_tensor
-
-    return image_to_tensor(image)
 
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = True) -> TrainResult:
