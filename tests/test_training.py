@@ -87,6 +87,36 @@ def test_resume_is_bit_exact(consep_dir: Path, tmp_path: Path) -> None:
     assert stages == ["train"] * 4 + ["finetune"] * 2
 
 
+def test_resume_after_a_crash_between_checkpoints(consep_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A run that dies at step 6 resumes from its step-4 checkpoint, drops the metrics logged after it, and ends
+    bit-identical to a run that never died."""
+    from diffaug.training import loop
+
+    extra = ["train.max_steps=7", "finetune.max_steps=0", "checkpoint.every=2", "checkpoint.keep=1"]
+    train(_small(consep_dir, tmp_path / "straight", *extra), progress=False)
+
+    real_step = loop._Trainer.train_step
+
+    def dies_at_step_6(self, batch):
+        if self.step == 5:
+            raise RuntimeError("simulated crash")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(loop._Trainer, "train_step", dies_at_step_6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_small(consep_dir, tmp_path / "crashed", *extra), progress=False)
+    assert [s for s, _ in list_checkpoints(tmp_path / "crashed")] == [4]
+    monkeypatch.setattr(loop._Trainer, "train_step", real_step)
+    train(_small(consep_dir, tmp_path / "crashed", *extra), progress=False)
+
+    a = _state(latest_checkpoint(tmp_path / "straight"))
+    b = _state(latest_checkpoint(tmp_path / "crashed"))
+    for key in ("model", "ema", "optimizer", "rng"):
+        _assert_same_tensors(a[key], b[key], key)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8))
+
+
 def test_rerunning_a_finished_run_does_nothing(consep_dir: Path, tmp_path: Path) -> None:
     cfg = _small(consep_dir, tmp_path / "run", "train.max_steps=2", "finetune.max_steps=0")
     train(cfg, progress=False)
