@@ -22,10 +22,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "labels": ("diffaug.commands.labels", "edit label maps of a tile folder (balance rare classes / enlarge)"),
     "convert": ("diffaug.commands.convert", "convert an original SDM/DiffMix checkpoint to diffaug's format"),
     "train": ("diffaug.commands.train", "train a semantic diffusion model on a tile folder"),
-    "sample": ("diffaug.commands.sample", "synthesise images for label maps with a trained model"),
-    "generate": ("diffaug.commands.generate", "generate a balanced synthetic dataset on disk (resumable)"),
-    "evaluate": ("diffaug.commands.evaluate", "label fidelity and downstream evaluation"),
-    "download": ("diffaug.commands.download", "download published weights into the Hugging Face cache"),
     "env": ("diffaug.commands.env", "print versions and devices, for bug reports"),
 }
 
