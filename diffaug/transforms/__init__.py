@@ -17,7 +17,7 @@ from typing import Any
 
 _LAZY = {
     "DiffMixTransform": "diffaug.transforms.diffmix",
-    "DiffMixSynthesizer": "diffaug.transforms.diffmix",
+    "DiffMixSynthesizer": "diffaug.transforms._core",
     "DiffMixd": "diffaug.transforms.monai",
     "SynthesisPool": "diffaug.transforms.pool",
     "PoolFiller": "diffaug.transforms.pool",

@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from diffaug.pipelines import SemanticSynthesisPipeline
 
 __all__ = ["Policy", "POLICIES", "DiffMixResult", "DiffMixSettings", "choose_window", "edit_window",
-           "check_image", "resolve_device", "load_pipeline", "load_donor_bank"]
+           "check_image", "check_maps", "check_pool_args", "take_from_pool", "resolve_device", "load_pipeline",
+           "load_donor_bank", "clear_caches", "DiffMixSynthesizer"]
 
 Policy = Literal["balance", "enlarge", "both"]
 POLICIES: tuple[str, ...] = ("balance", "enlarge", "both")
@@ -265,6 +266,65 @@ class DiffMixSettings:
                              seed=seed, record=record)
 
 
+class DiffMixSynthesizer:
+    """Makes synthetic pairs for a :class:`~diffaug.transforms.pool.PoolFiller`: ``synth(index) -> (image, inst_map,
+    type_map)`` reads a source tile, crops a random ``tile_shape`` patch from it, and applies one DiffMix draw.
+
+    Deterministic per index: item ``index`` uses ``numpy.random.default_rng([seed, index])``. Picklable (holds only
+    plain settings), so it can run in a separate process, one per GPU (``device="cuda:1"``).
+
+    Args:
+        source: tile folder of real training tiles (``NAME.png`` + ``NAME.npz``), at least ``tile_shape`` large.
+        tile_shape: (H, W) of the pairs, the pool's tile shape (the training patch size).
+        seed: job seed.
+        settings: the DiffMix settings, as keyword arguments of :class:`DiffMixTransform` (``model``, ``policy``,
+            ``strength``, ...) without ``p``, ``pool`` and ``pool_ratio``.
+
+    Example:
+        >>> synth = DiffMixSynthesizer("data/consep_train", (256, 256), seed=0, model="diffmix-consep",
+        ...                            donors="data/consep_train")  # doctest: +SKIP
+        >>> with SynthesisPool.create(64, (256, 256)) as pool, PoolFiller(pool, synth):  # doctest: +SKIP
+        ...     train(DiffMixTransform(model="diffmix-consep", pool=pool.name, rare_classes=[1]))
+    """
+
+    def __init__(self, source: str | os.PathLike[str], tile_shape: tuple[int, int], *, seed: int = 0,
+                 **settings: Any) -> None:
+        from diffaug.data.tiles import TileFolder
+
+        self.source = str(source)
+        self.tile_shape = (int(tile_shape[0]), int(tile_shape[1]))
+        self.seed = int(seed)
+        self.settings = DiffMixSettings(**settings)
+        folder = TileFolder(self.source)
+        self._names = list(folder.names)
+        self._folder: Any = folder
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_folder"] = None
+        return state
+
+    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        from diffaug.data.tiles import TileFolder
+
+        if self._folder is None:
+            self._folder = TileFolder(self.source)
+        rng = np.random.default_rng([self.seed, int(index)])
+        name = self._names[int(index) % len(self._names)]
+        tile = self._folder.read(name)
+        height, width = self.tile_shape
+        if tile.shape[0] < height or tile.shape[1] < width:
+            raise InvalidInputError(f"{self.source}/{name}: tile is {tile.shape}, smaller than the pool's pairs "
+                                    f"{self.tile_shape}")
+        y0 = int(rng.integers(0, tile.shape[0] - height + 1))
+        x0 = int(rng.integers(0, tile.shape[1] - width + 1))
+        win = (slice(y0, y0 + height), slice(x0, x0 + width))
+        types = None if tile.type_map is None else np.ascontiguousarray(tile.type_map[win])
+        result = self.settings(np.ascontiguousarray(tile.image[win]), np.ascontiguousarray(tile.inst_map[win]),
+                               types, rng, where=f"{self.source}/{name}")
+        return result.image, result.inst_map, result.type_map
+
+
 # ----------------------------------------------------------------------------------------------------- windows
 def choose_window(shape: tuple[int, int], size: int, rng: np.random.Generator) -> tuple[int, int]:
     """Top-left corner of a uniformly random ``size x size`` window inside ``shape`` (0, 0 when they are equal)."""
@@ -325,6 +385,8 @@ def edit_window(inst_map: np.ndarray, type_map: np.ndarray | None, window: tuple
     if bank is not None and num_classes is not None and bank.num_classes > num_classes:
         raise InvalidInputError(f"the donor bank holds classes up to {bank.num_classes - 1}, but the model knows "
                                 f"0..{num_classes - 1}; build it from tiles in the model's class scheme")
+    if bank is None and policy in ("balance", "both") and type_map is not None:
+        bank = outside_donor_bank(inst_map, type_map, window, rare_classes, num_classes)
     edit, records = _run_policy(crop_inst, crop_type, policy, rng, bank=bank, rare_classes=rare_classes,
                                 balance_kwargs=balance_kwargs, enlarge_kwargs=enlarge_kwargs)
 
@@ -365,6 +427,26 @@ def edit_window(inst_map: np.ndarray, type_map: np.ndarray | None, window: tuple
     return out_inst, out_type, record
 
 
+def outside_donor_bank(inst_map: np.ndarray, type_map: np.ndarray, window: tuple[int, int, int],
+                       rare_classes: Sequence[int] | None, num_classes: int | None) -> DonorBank | None:
+    """The sample's own donors outside the window: its whole rare nuclei that have no pixel in the window (those in
+    the window donate first, from the window's maps). None when there are none, or the sample is the window."""
+    from diffaug.labels.balance import DonorBank
+
+    y0, x0, size = window
+    if inst_map.shape == (size, size) or rare_classes is None:
+        return None
+    touching = np.unique(inst_map[y0:y0 + size, x0:x0 + size])
+    outside = np.where(np.isin(inst_map, touching), 0, inst_map)
+    if not outside.any():
+        return None
+    types = np.where(outside > 0, type_map, 0)
+    rare = tuple(int(c) for c in rare_classes)
+    classes = max(int(types.max()) + 1, max(rare) + 1, num_classes or 0)
+    bank = DonorBank.from_maps([(outside, types)], names=["outside-window"], num_classes=classes, rare_classes=rare)
+    return bank if len(bank) else None
+
+
 def _revert(crop_inst: np.ndarray, crop_type: np.ndarray | None, new_crop: np.ndarray, edit: LabelEdit,
             frozen: set[int], classes_after: dict[int, int]) -> set[int]:
     """Undo, in place on ``new_crop`` (input-id space), the edit of every frozen nucleus it touched, and of every
@@ -400,6 +482,47 @@ def _revert(crop_inst: np.ndarray, crop_type: np.ndarray | None, new_crop: np.nd
         else:
             classes_after.pop(nid, None)
     return reverted
+
+
+# ----------------------------------------------------------------------------------------------------- the pool
+def check_pool_args(pool: Any, pool_ratio: Any, where: str) -> tuple[str | None, float]:
+    """``pool`` (a SynthesisPool or its name) as its name, and ``pool_ratio`` checked to lie in (0, 1]."""
+    name = pool
+    if pool is not None and not isinstance(pool, str):
+        name = getattr(pool, "name", None)
+        if not isinstance(name, str):
+            raise InvalidInputError(f"{where}: pool must be a SynthesisPool or its name, got {type(pool).__name__}")
+    if not _is_number(pool_ratio) or not 0.0 < float(pool_ratio) <= 1.0:
+        raise InvalidInputError(f"{where}: pool_ratio must be in (0, 1] (share of applied calls that take a pool "
+                                f"pair), got {pool_ratio!r}")
+    if name is None and float(pool_ratio) != 1.0:
+        raise InvalidInputError(f"{where}: pool_ratio only applies with a pool; pass pool=... or leave pool_ratio at 1")
+    return name, float(pool_ratio)
+
+
+def take_from_pool(pool_name: str, pool_ratio: float, image: np.ndarray, inst_map: np.ndarray,
+                   type_map: np.ndarray | None, rng: np.random.Generator, where: str) -> DiffMixResult | None:
+    """With probability ``pool_ratio`` a pair from the pool, as a :class:`DiffMixResult`; None when the draw says no
+    or the pool is empty (then the real sample is kept: a take never waits)."""
+    from diffaug.transforms.pool import attach_pool
+
+    check_maps(inst_map, type_map, image.shape, where)
+    pool = attach_pool(pool_name)
+    if pool.tile_shape != inst_map.shape:
+        raise InvalidInputError(f"{where}: the pool holds {pool.tile_shape} pairs but the sample is {inst_map.shape}; "
+                                "create the pool with the training patch size, or place the transform after the crop "
+                                "to that size")
+    if pool.with_types != (type_map is not None):
+        raise InvalidInputError(f"{where}: the pool {'holds' if pool.with_types else 'has no'} type maps but the "
+                                f"sample has {'none' if type_map is None else 'one'}; use a pool that matches the data "
+                                "(with_types=False for instance-only data)")
+    if rng.random() >= pool_ratio:
+        return None
+    pair = pool.try_take(rng)
+    if pair is None:
+        return None
+    return DiffMixResult(image=pair.image, inst_map=pair.inst_map, type_map=pair.type_map, window=(0, 0, 0),
+                         seed=-1, record={"pool": pool_name, "pool_seq": pair.seq, "pool_use": pair.use})
 
 
 # ----------------------------------------------------------------------------------------------------- resources

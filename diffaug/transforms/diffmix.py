@@ -55,29 +55,12 @@ import numpy as np
 from albumentations.core.transforms_interface import BaseTransformInitSchema, DualTransform
 
 from diffaug.errors import InvalidInputError
-from diffaug.transforms._core import DiffMixResult, DiffMixSettings, check_image, check_maps
+from diffaug.transforms._core import DiffMixResult, DiffMixSettings, check_image, check_pool_args, take_from_pool
 
-__all__ = ["DiffMixTransform", "DiffMixSynthesizer"]
+__all__ = ["DiffMixTransform"]
 
 SYNTHETIC_KEY = "is_synthetic"
 _UNSUPPORTED_TARGETS = ("mask", "images", "bboxes", "keypoints", "volume", "volumes", "mask3d", "masks3d")
-
-
-def _pool_name(pool: Any) -> str | None:
-    if pool is None or isinstance(pool, str):
-        return pool
-    name = getattr(pool, "name", None)
-    if isinstance(name, str):
-        return name
-    raise InvalidInputError(f"pool must be a SynthesisPool or its name, got {type(pool).__name__}")
-
-
-def _check_pool_ratio(pool_ratio: Any) -> float:
-    if (isinstance(pool_ratio, bool) or not isinstance(pool_ratio, (int, float, np.integer, np.floating))
-            or not 0.0 < float(pool_ratio) <= 1.0):
-        raise InvalidInputError(f"pool_ratio must be in (0, 1] (share of applied calls that take a pool pair), got "
-                                f"{pool_ratio!r}")
-    return float(pool_ratio)
 
 
 def split_masks(masks: Any, where: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -181,11 +164,7 @@ class DiffMixTransform(DualTransform):
         self.rare_classes = self._settings.rare_classes
         self.balance_kwargs = self._settings.balance_kwargs
         self.enlarge_kwargs = self._settings.enlarge_kwargs
-        self.pool = _pool_name(pool)
-        self.pool_ratio = _check_pool_ratio(pool_ratio)
-        if pool is None and pool_ratio != 1.0:
-            raise InvalidInputError("DiffMixTransform: pool_ratio only applies with a pool; pass pool=... or leave "
-                                    "pool_ratio at 1.0")
+        self.pool, self.pool_ratio = check_pool_args(pool, pool_ratio, "DiffMixTransform")
         self._stream_key: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------------------------------ serialisation
@@ -239,31 +218,9 @@ class DiffMixTransform(DualTransform):
         inst, types = split_masks(data["masks"], where)
         rng = self.random_generator
         if self.pool is not None:
-            return {"diffmix": self._from_pool(image, inst, types, rng, where)}
+            return {"diffmix": take_from_pool(self.pool, self.pool_ratio, image, inst, types, rng, where)}
         result = self._settings(image, inst, types, rng, where=where)
         return {"diffmix": result}
-
-    def _from_pool(self, image: np.ndarray, inst: np.ndarray, types: np.ndarray | None, rng: np.random.Generator,
-                   where: str) -> DiffMixResult | None:
-        from diffaug.transforms.pool import attach_pool
-
-        check_maps(inst, types, image.shape, where)
-        pool = attach_pool(self.pool)  # type: ignore[arg-type]
-        if pool.tile_shape != inst.shape:
-            raise InvalidInputError(f"{where}: the pool holds {pool.tile_shape} pairs but the sample is {inst.shape}; "
-                                    "create the pool with the training patch size, or place DiffMixTransform after the "
-                                    "crop to that size")
-        if pool.with_types != (types is not None):
-            raise InvalidInputError(f"{where}: the pool {'holds' if pool.with_types else 'has no'} type maps but the "
-                                    f"sample has {'none' if types is None else 'one'}; pass masks=[inst_map, type_map] "
-                                    "for typed data, [inst_map] for instance-only data, and a pool to match")
-        if rng.random() >= self.pool_ratio:
-            return None
-        pair = pool.try_take(rng)
-        if pair is None:
-            return None  # empty pool: keep the real sample, never wait
-        return DiffMixResult(image=pair.image, inst_map=pair.inst_map, type_map=pair.type_map, window=(0, 0, 0),
-                             seed=-1, record={"pool": self.pool, "pool_seq": pair.seq, "pool_use": pair.use})
 
     def apply_with_params(self, params: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
         result: DiffMixResult | None = params.get("diffmix")
@@ -279,61 +236,3 @@ class DiffMixTransform(DualTransform):
     def apply(self, img: np.ndarray, *args: Any, **params: Any) -> np.ndarray:  # pragma: no cover - not used
         raise NotImplementedError("DiffMixTransform applies through apply_with_params")
 
-
-class DiffMixSynthesizer:
-    """Makes synthetic pairs for a :class:`~diffaug.transforms.pool.PoolFiller`: ``synth(index) -> (image, inst_map,
-    type_map)`` reads a source tile, crops a random ``tile_shape`` patch from it, and applies one DiffMix draw.
-
-    Deterministic per index: item ``index`` uses ``numpy.random.default_rng([seed, index])``. Picklable (holds only
-    plain settings), so it can run in a separate process, one per GPU (``device="cuda:1"``).
-
-    Args:
-        source: tile folder of real training tiles (``NAME.png`` + ``NAME.npz``), at least ``tile_shape`` large.
-        tile_shape: (H, W) of the pairs, the pool's tile shape (the training patch size).
-        seed: job seed.
-        settings: the DiffMix settings, as keyword arguments of :class:`DiffMixTransform` (``model``, ``policy``,
-            ``strength``, ...) without ``p``, ``pool`` and ``pool_ratio``.
-
-    Example:
-        >>> synth = DiffMixSynthesizer("data/consep_train", (256, 256), seed=0, model="diffmix-consep",
-        ...                            donors="data/consep_train")  # doctest: +SKIP
-        >>> with SynthesisPool.create(64, (256, 256)) as pool, PoolFiller(pool, synth):  # doctest: +SKIP
-        ...     train(DiffMixTransform(model="diffmix-consep", pool=pool.name, rare_classes=[1]))
-    """
-
-    def __init__(self, source: str | os.PathLike[str], tile_shape: tuple[int, int], *, seed: int = 0,
-                 **settings: Any) -> None:
-        from diffaug.data.tiles import TileFolder
-
-        self.source = str(source)
-        self.tile_shape = (int(tile_shape[0]), int(tile_shape[1]))
-        self.seed = int(seed)
-        self.settings = DiffMixSettings(**settings)
-        folder = TileFolder(self.source)
-        self._names = list(folder.names)
-        self._folder: Any = folder
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_folder"] = None
-        return state
-
-    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        from diffaug.data.tiles import TileFolder
-
-        if self._folder is None:
-            self._folder = TileFolder(self.source)
-        rng = np.random.default_rng([self.seed, int(index)])
-        name = self._names[int(index) % len(self._names)]
-        tile = self._folder.read(name)
-        height, width = self.tile_shape
-        if tile.shape[0] < height or tile.shape[1] < width:
-            raise InvalidInputError(f"{self.source}/{name}: tile is {tile.shape}, smaller than the pool's pairs "
-                                    f"{self.tile_shape}")
-        y0 = int(rng.integers(0, tile.shape[0] - height + 1))
-        x0 = int(rng.integers(0, tile.shape[1] - width + 1))
-        win = (slice(y0, y0 + height), slice(x0, x0 + width))
-        types = None if tile.type_map is None else np.ascontiguousarray(tile.type_map[win])
-        result = self.settings(np.ascontiguousarray(tile.image[win]), np.ascontiguousarray(tile.inst_map[win]),
-                               types, rng, where=f"{self.source}/{name}")
-        return result.image, result.inst_map, result.type_map
