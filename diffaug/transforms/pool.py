@@ -455,9 +455,10 @@ def _fill_loop(pool: SynthesisPool, make_pair: PairMaker, indices: Iterable[int]
             image, inst_map, type_map = make_pair(index)
             if not pool.put(image, inst_map, type_map if pool.with_types else None, timeout=None, stop=stop):
                 return
-    except BaseException as exc:  # surfaced by PoolFiller.stop()/check()
-        errors.put(f"{type(exc).__name__}: {exc}")
-        raise
+    except Exception as exc:  # reported, with its traceback, by PoolFiller.check() / stop()
+        import traceback
+
+        errors.put((f"{type(exc).__name__}: {exc}", traceback.format_exc()))
 
 
 def _process_main(name: str, make_pair: PairMaker, indices: Iterable[int], stop: Any, errors: Any) -> None:
@@ -522,7 +523,8 @@ class PoolFiller:
         if not self._errors.empty():
             from diffaug.errors import DiffaugError
 
-            raise DiffaugError(f"the pool generator failed: {self._errors.get()}")
+            message, trace = self._errors.get()
+            raise DiffaugError(f"the pool generator failed: {message}\n--- generator traceback ---\n{trace}")
 
     @property
     def running(self) -> bool:
