@@ -16,6 +16,7 @@ from diffaug.data.tiles import TileFolder, write_classes_json, write_tile
 from diffaug.errors import DataFormatError, DiffaugError, InvalidInputError
 from diffaug.labels.validate import validate_label_map
 from diffaug.transforms import DiffMixSynthesizer, DiffMixTransform, PoolFiller, SynthesisPool
+from test_transforms import fixture_model  # noqa: F401  (the converted SDM fixture, a pytest fixture)
 
 SIZE = 64
 
@@ -217,12 +218,8 @@ def test_filler_errors_surface(pool: SynthesisPool, crops) -> None:
 
 
 @pytest.mark.slow
-def test_synthesizer_fills_a_pool_with_valid_pairs(tmp_path: Path, consep_dir: Path, sdm_fixture_dir: Path) -> None:
-    from diffaug.models.convert import convert_sdm_checkpoint
-
-    model = convert_sdm_checkpoint(sdm_fixture_dir / "state_dict.pt", sdm_fixture_dir / "config.json",
-                                   tmp_path / "model")
-    synth = DiffMixSynthesizer(consep_dir, (96, 96), seed=0, model=str(model), policy="both", rare_classes=[1],
+def test_synthesizer_fills_a_pool_with_valid_pairs(tmp_path: Path, consep_dir: Path, fixture_model: str) -> None:
+    synth = DiffMixSynthesizer(consep_dir, (96, 96), seed=0, model=fixture_model, policy="both", rare_classes=[1],
                                num_inference_steps=10, strength=0.1, guidance_scale=1.0, device="cpu")
     synth = pickle.loads(pickle.dumps(synth))  # what a filler process receives
     first = synth(3)

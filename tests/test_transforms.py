@@ -136,18 +136,23 @@ def test_serialisation_round_trip(tmp_path: Path, fixture_model: str) -> None:
     assert set(init) - {"self"} <= set(DiffMixTransform.InitSchema.model_fields)
     args = {"model": fixture_model, "policy": "both", "strength": 0.3, "num_inference_steps": 20,
             "guidance_scale": 2.0, "eta": 0.5, "revision": None, "device": "cpu", "donors": str(tmp_path),
-            "rare_classes": [1, 2], "balance_kwargs": {"ratio": 0.5, "border_margin": 10},
+            "rare_classes": None, "balance_kwargs": {"target_distribution": {1: 0.4, 2: 0.2, 3: 0.2, 4: 0.2}},
             "enlarge_kwargs": {"fraction": 0.25, "shift_range": [1, 2]}, "pool": None, "pool_ratio": 1.0, "p": 0.3}
     assert set(args) == set(init) - {"self"}
     aug = A.Compose([DiffMixTransform(**args), A.HorizontalFlip()], seed=0)
     stored = A.to_dict(aug)["transform"]["transforms"][0]
     assert {k: stored[k] for k in args} == args
+    args["rare_classes"] = [1, 2]  # the other mode: rare classes with a ratio
+    args["balance_kwargs"] = {"ratio": 0.5, "border_margin": 10}
+    assert A.from_dict(A.to_dict(A.Compose([DiffMixTransform(**args)]))).transforms[0].rare_classes == (1, 2)
     restored = A.from_dict(A.to_dict(aug))
     assert A.to_dict(restored) == A.to_dict(aug)
     A.save(aug, str(tmp_path / "aug.json"))
     loaded = A.load(str(tmp_path / "aug.json"))
     assert A.to_dict(loaded) == A.to_dict(aug)
-    assert json.loads((tmp_path / "aug.json").read_text())["transform"]["transforms"][0]["rare_classes"] == [1, 2]
+    stored = json.loads((tmp_path / "aug.json").read_text())["transform"]["transforms"][0]
+    assert stored["balance_kwargs"]["target_distribution"] == {"1": 0.4, "2": 0.2, "3": 0.2, "4": 0.2}
+    assert loaded.transforms[0].balance_kwargs["target_distribution"][1] == 0.4  # ids are ints again
 
 
 class _Tiles(torch.utils.data.Dataset):
@@ -331,3 +336,24 @@ def test_no_cuda_in_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
     with pytest.raises(InvalidInputError, match=r"workers must not initialise CUDA"):
         resolve_device("cuda:0")
+
+
+def test_donor_bank_from_a_data_folder(tmp_path: Path, fixture_model: str, consep_dir: Path,
+                                       consep: TileFolder) -> None:
+    """donors=DIR builds the dataset's donor bank (and its rare classes) once; balancing draws donors from it."""
+    folder = tmp_path / "train"
+    folder.mkdir()
+    (folder / "classes.json").symlink_to(consep_dir / "classes.json")
+    bank_tiles = ["train_19_000", "train_19_004", "train_19_007", "train_17_010", "train_19_008"]
+    for name in bank_tiles:
+        for ext in (".png", ".npz"):
+            (folder / f"{name}{ext}").symlink_to(consep_dir / f"{name}{ext}")
+    image, inst, types = crop(consep.read("train_1_004"), 96, 96)  # a tile that is not in the bank
+    transform = DiffMixTransform(model=fixture_model, policy="balance", donors=folder, p=1.0, guidance_scale=1.0,
+                                 balance_kwargs={"border_margin": 8, "ratio": 1.0, "donor_source": "dataset"}, **FAST)
+    out = A.Compose([transform], seed=0)(image=image, masks=[inst, types])
+    record = transform.params["diffmix"].record["edits"][0]
+    assert record["receiving_classes"] == [1]  # the bank's rarest class: CoNSeP's "other"
+    assert record["n_replaced"] > 0
+    assert {r["donor"]["tile"] for r in record["replaced"]} <= set(bank_tiles)
+    validate_label_map(out["masks"][0], out["masks"][1], reference=inst, num_classes=5)

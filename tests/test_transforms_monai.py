@@ -13,18 +13,10 @@ import torch
 from diffaug.data.tiles import TileFolder
 from diffaug.errors import InvalidInputError
 from diffaug.labels.validate import validate_label_map
+from test_transforms import fixture_model  # noqa: F401  (the converted SDM fixture, a pytest fixture)
 
 FAST = {"num_inference_steps": 10, "strength": 0.1, "guidance_scale": 1.0, "device": "cpu"}
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def fixture_model(tmp_path_factory: pytest.TempPathFactory, sdm_fixture_dir: Path) -> str:
-    from diffaug.models.convert import convert_sdm_checkpoint
-
-    out = tmp_path_factory.mktemp("models") / "sdm_fixture"
-    convert_sdm_checkpoint(sdm_fixture_dir / "state_dict.pt", sdm_fixture_dir / "config.json", out)
-    return str(out)
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +101,19 @@ def test_importing_diffaug_transforms_stays_cheap() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+def test_pool_pairs_in_channel_first_layout(tmp_path: Path, sample: dict) -> None:
+    from diffaug.transforms import DiffMixd, SynthesisPool
+
+    inst, types = sample["inst_map"][0], sample["type_map"][0]
+    pair_image = np.full((96, 96, 3), 7, np.uint8)
+    with SynthesisPool.create(capacity=1, tile_shape=(96, 96), reuse=1, directory=tmp_path) as pool:
+        pool.put(pair_image, inst, types)
+        transform = DiffMixd(model="unused-with-a-pool", policy="enlarge", pool=pool, prob=1.0)
+        out = transform(sample)
+        assert out["is_synthetic"] is True and out["image"].shape == (3, 96, 96)
+        assert torch.equal(out["image"].as_tensor(), torch.full((3, 96, 96), 7.0))
+        assert out["image"].meta["filename_or_obj"] == "train_19_007.png"
+        again = transform(sample)  # the pair was used once (reuse=1): the pool is empty, the real sample stays
+        assert again["is_synthetic"] is False and again["image"] is sample["image"]

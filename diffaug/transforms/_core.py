@@ -151,8 +151,35 @@ class DiffMixSettings:
     balance_kwargs: Mapping[str, Any] | None = None
     enlarge_kwargs: Mapping[str, Any] | None = None
 
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> DiffMixSettings:
+        """Settings from a transform's ``__init__`` arguments (``locals()``); other names are ignored."""
+        from dataclasses import fields
+
+        return cls(**{f.name: arguments[f.name] for f in fields(cls) if f.name in arguments})
+
     def __post_init__(self) -> None:
         where = "DiffMix"
+        # Normalise to plain, serialisable values (the dataclass is frozen, hence object.__setattr__).
+        if isinstance(self.model, os.PathLike):
+            object.__setattr__(self, "model", os.fspath(self.model))
+        if isinstance(self.donors, os.PathLike):
+            object.__setattr__(self, "donors", os.fspath(self.donors))
+        if self.rare_classes is not None and not isinstance(self.rare_classes, (str, bytes)):
+            try:
+                object.__setattr__(self, "rare_classes", tuple(self.rare_classes))
+            except TypeError:
+                pass
+        for name in ("balance_kwargs", "enlarge_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, dict(value))
+        target = (self.balance_kwargs or {}).get("target_distribution")
+        if isinstance(target, Mapping):  # JSON turns the class ids into strings; back to ints
+            try:
+                self.balance_kwargs["target_distribution"] = {int(k): v for k, v in target.items()}  # type: ignore
+            except (TypeError, ValueError):
+                pass  # reported by check_balance_params below
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise InvalidInputError(f"{where}: model must be a model folder, a registered name or a Hub repo id "
                                     f"(a string, so that the pipeline stays serialisable), got {self.model!r}")
@@ -194,8 +221,6 @@ class DiffMixSettings:
             from diffaug.labels.balance import check_balance_params
 
             kwargs = dict(self.balance_kwargs or {})
-            if "target_distribution" in kwargs and kwargs["target_distribution"] is not None:
-                kwargs["target_distribution"] = {int(k): v for k, v in dict(kwargs["target_distribution"]).items()}
             check_balance_params(rare_classes=self.rare_classes, **kwargs)
             if self.donors is None and self.rare_classes is None:
                 raise InvalidInputError(f"{where}: balancing needs the rare classes: pass donors=TRAIN_TILE_FOLDER "
@@ -353,8 +378,6 @@ def _run_policy(inst: np.ndarray, typ: np.ndarray | None, policy: str, rng: np.r
     edit = None
     if policy in ("balance", "both"):
         kwargs = dict(balance_kwargs or {})
-        if kwargs.get("target_distribution") is not None:
-            kwargs["target_distribution"] = {int(k): float(v) for k, v in dict(kwargs["target_distribution"]).items()}
         if bank is None and kwargs.get("donor_source") is None:
             kwargs["donor_source"] = "same-tile"
         edit = balance_label_map(inst, typ, rng=rng, bank=bank, rare_classes=rare_classes, **kwargs)

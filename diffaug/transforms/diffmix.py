@@ -144,13 +144,7 @@ class DiffMixTransform(DualTransform):
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
             raise InvalidInputError(f"DiffMixTransform: p must be a probability in [0, 1], got {p!r}")
         super().__init__(p=float(p))
-        self._settings = DiffMixSettings(
-            model=str(model), policy=policy, strength=strength, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, eta=eta, revision=revision, device=device,
-            donors=None if donors is None else str(donors),
-            rare_classes=None if rare_classes is None else tuple(int(c) for c in rare_classes),
-            balance_kwargs=None if balance_kwargs is None else dict(balance_kwargs),
-            enlarge_kwargs=None if enlarge_kwargs is None else dict(enlarge_kwargs))
+        self._settings = DiffMixSettings.from_arguments(locals())
         # Public attributes mirror __init__ exactly: albumentations serialises them by name.
         self.model = self._settings.model
         self.policy = policy

@@ -110,13 +110,7 @@ class DiffMixd(RandomizableTransform, MapTransform):
         RandomizableTransform.__init__(self, float(prob))
         if len(self.keys) not in (2, 3):
             raise InvalidInputError(f"DiffMixd: keys must be (image, inst_map[, type_map]), got {self.keys}")
-        self.settings = DiffMixSettings(
-            model=str(model), policy=policy, strength=strength, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, eta=eta, revision=revision, device=device,
-            donors=None if donors is None else str(donors),
-            rare_classes=None if rare_classes is None else tuple(int(c) for c in rare_classes),
-            balance_kwargs=None if balance_kwargs is None else dict(balance_kwargs),
-            enlarge_kwargs=None if enlarge_kwargs is None else dict(enlarge_kwargs))
+        self.settings = DiffMixSettings.from_arguments(locals())
         self.pool, self.pool_ratio = check_pool_args(pool, pool_ratio, "DiffMixd")
         self.synthetic_key = synthetic_key
         self._seed: list[int] = [0]

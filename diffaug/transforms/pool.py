@@ -19,7 +19,9 @@ file's path, :attr:`SynthesisPool.name`. That makes the pool
   pixel data are copied outside the lock. A slot that is being read is never overwritten: readers are counted and
   a slot returns to the writer only when its last use is done.
 
-It needs POSIX ``fcntl`` (Linux, macOS). Each pair is reused at most ``reuse`` times; the pool reports hits, misses,
+It needs POSIX ``fcntl`` (Linux, macOS). The creator deletes the file when it closes the pool or exits; a process
+killed outright (SIGKILL) leaves ``diffaug-pool-<pid>-<id>.bin`` behind in ``/dev/shm``, to delete by hand. A worker
+killed while copying a pair leaves that slot counted as being read, so it is not reused (the pool shrinks by one). Each pair is reused at most ``reuse`` times; the pool reports hits, misses,
 pairs produced and retired, and mean reuse (:meth:`SynthesisPool.stats`). A take is random among the filled slots,
 drawn from the caller's ``numpy.random.Generator``; which pairs are in the pool depends on timing, so pool draws are
 not reproducible run to run (inline synthesis is).
