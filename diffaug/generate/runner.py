@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffaug.errors import ConfigError, DataFormatError, DiffaugError
+from diffaug.errors import ConfigError, DataFormatError, DiffaugError, InvalidInputError
 from diffaug.generate.job import (GenerateOptions, Layout, check_or_write_job, data_digest, environment_note,
                                   job_lock, remove_stale_temporaries)
 from diffaug.generate.plan import batches, plan_items, tile_windows
@@ -106,9 +106,15 @@ def _open_data(root: Path, weights: WeightsInfo, classes: str | None) -> Any:
     """The tile folder in the model's class scheme; a scheme the model does not speak is an error."""
     from diffaug.data.tiles import TileFolder
 
-    if classes is None:
-        classes = weights.class_scheme or "default"
-    folder = TileFolder(root, classes=classes)
+    if classes is not None:
+        folder = TileFolder(root, classes=classes)
+    else:
+        try:  # the model's scheme, reached by the data's standard merge if it has one
+            folder = TileFolder(root, classes=weights.class_scheme or "default")
+        except DataFormatError:
+            raise
+        except InvalidInputError:  # the data cannot be read in the model's scheme: say so below
+            folder = TileFolder(root)
     model = f"the model ({weights.id}) has {weights.num_classes} classes counting background" + \
         (f", scheme {weights.class_scheme!r}" if weights.class_scheme else "")
     if not folder.has_classes:
