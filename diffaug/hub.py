@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,7 +113,6 @@ class ResolvedWeights:
     revision: str | None = None
     commit_sha: str | None = None
     name: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def diffaug_cache_dir() -> Path:
@@ -209,10 +208,11 @@ def _resolve_registered(name: str, entry: PublishedWeights, revision: str | None
             (tmp / "source.json").write_text(json.dumps(source, indent=1) + "\n", encoding="utf-8")
             if target.exists():  # a stale or partial folder (the rename below is atomic, so this is rare)
                 shutil.rmtree(target)
-            os.replace(tmp, target)
-        except OSError:
-            if not _has_model_files(target):  # another process may have finished the same conversion first
-                raise
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not _has_model_files(target):  # another process may have finished the same conversion first
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return ResolvedWeights(path=target, kind="registry", repo_id=entry.repo_id, revision=rev, commit_sha=commit,

@@ -16,7 +16,6 @@ approximated.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import zipfile
@@ -34,6 +33,7 @@ from diffaug.models.sdm_unet import (
     SemanticUNetConfig,
     check_state_dict,
     load_safetensors,
+    read_json,
 )
 
 __all__ = ["convert_sdm_checkpoint", "config_from_sdm_flags", "load_sdm_flags", "load_original_state_dict",
@@ -105,13 +105,7 @@ def _as_int_list(value: Any, name: str, source: str) -> tuple[int, ...]:
 
 def load_sdm_flags(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read an original flags JSON file (a JSON object)."""
-    path = Path(path)
-    try:
-        flags = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataFormatError(f"{path}: flags file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    flags = read_json(path, "flags file", DataFormatError)
     if not isinstance(flags, dict):
         raise ConfigError(f"{path}: expected a JSON object of original SDM flags, got {type(flags).__name__}")
     return flags

@@ -307,14 +307,7 @@ class SemanticUNetConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> SemanticUNetConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise WeightsError(f"{path}: model config not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, "model config", WeightsError), source=str(path))
 
     @classmethod
     def diffmix_256(cls, num_classes: int, **overrides: Any) -> SemanticUNetConfig:
@@ -325,6 +318,17 @@ class SemanticUNetConfig:
                                     num_head_channels=64)
         base.update(overrides)
         return cls(**base)
+
+
+def read_json(path: str | os.PathLike[str], what: str, missing_error: type[Exception]) -> Any:
+    """Parse a JSON file; a missing file raises ``missing_error``, invalid JSON a :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise missing_error(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def _is_required(f: Any) -> bool:
@@ -533,7 +537,9 @@ class AttentionBlock(nn.Module):
 
     ``qkv`` (B, 3C, T) is split into heads *before* q/k/v: reshaped to (B·heads, 3·C/heads, T), then split into q, k,
     v of C/heads channels each. Scores are ``softmax(qᵀk / sqrt(C/heads))``; the original applies the scale as
-    ``(C/heads)^(-1/4)`` to q and k each, which is the same quantity.
+    ``(C/heads)^(-1/4)`` to q and k each, which is the same quantity. The original takes the softmax in float32;
+    ``scaled_dot_product_attention`` does too in its fused kernels (flash / memory-efficient), including under bf16
+    autocast.
     """
 
     def __init__(self, channels: int, num_heads: int) -> None:
@@ -562,7 +568,8 @@ class _Stage(nn.Sequential):
     def forward(self, h: torch.Tensor, emb: torch.Tensor, cond: Condition | None = None) -> torch.Tensor:  # type: ignore[override]
         for layer in self:
             if isinstance(layer, SDMResBlock):
-                assert cond is not None, "SDMResBlock needs a condition"
+                if cond is None:
+                    raise InvalidInputError("the middle block and the decoder need a condition (y or cond)")
                 h = layer(h, emb, cond)
             elif isinstance(layer, ResBlock):
                 h = layer(h, emb)
@@ -729,8 +736,10 @@ class SemanticUNet(nn.Module):
         the module docstring). For the null condition of guidance, pass ``torch.zeros_like(y)`` (its γ/β are those of
         a zero input, not zero); with batch 1 it can be shared with :meth:`SemanticCondition.expand`.
         """
-        self._check_condition(y, y.shape[0] if isinstance(y, torch.Tensor) and y.ndim == 4 else -1,
-                              tuple(y.shape[-2:]) if isinstance(y, torch.Tensor) else (0, 0))
+        if not isinstance(y, torch.Tensor) or y.ndim != 4:
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise InvalidInputError(f"y must be a tensor (B, {self.config.label_nc}, H, W), got {shape}")
+        self._check_condition(y, y.shape[0], (y.shape[-2], y.shape[-1]))
         h, w = y.shape[-2:]
         if h % self.config.size_divisor or w % self.config.size_divisor:
             raise InvalidInputError(f"y has size {h}x{w}; sides must be multiples of {self.config.size_divisor}")
