@@ -1,8 +1,9 @@
 """``diffaug labels``: edit the label maps of a tile folder (DiffMix's balancing or enlarging maps).
 
-    diffaug labels --data DIR --policy balance|enlarge --out DIR [--seed N] [--preview]
+    diffaug labels [--data DIR] --policy balance|enlarge --out DIR [--seed N] [--preview]
 
-The output folder is itself a tile folder, in the classes the input was read in (``classes.json`` records the
+Without ``--data`` it edits the four CoNSeP sample tiles that ship inside the package (the offline demo). The output
+folder is itself a tile folder, in the classes the input was read in (``classes.json`` records the
 scheme, so reading it back never merges twice):
 
 * ``NAME_POLICY.npz`` per source tile ``NAME``: ``inst_map``, ``type_map``, ``inst_type``, ``inst_centroid`` (x, y)
@@ -12,9 +13,11 @@ scheme, so reading it back never merges twice):
 * ``records.jsonl``: one JSON object per tile (what changed: nuclei replaced and their donors, or nuclei moved and
   their shifts; the seed);
 * ``summary.json``: nuclei per class before and after, also printed as a table;
-* with ``--preview``, ``preview/NAME_POLICY.png``: the image with class-coloured contours, before | after.
+* with ``--preview``, ``preview/NAME_POLICY.png``: the image with class-coloured contours (:mod:`diffaug.viz`),
+  before | after, and ``preview/class_counts.png``, a bar chart of the summary.
 
-Tile ``i`` draws its randomness from ``np.random.SeedSequence(seed).spawn(n)[i]``, so the same seed gives
+Tile ``i`` (in name order) draws its randomness from ``np.random.SeedSequence(seed, spawn_key=(i,))`` (the i-th child
+of ``SeedSequence(seed).spawn``), so the same seed gives
 byte-identical output. Everything is written to a hidden folder beside ``--out`` and renamed into place once every
 tile is written and checked (each edited map passes ``validate_label_map`` against its source): a failed or
 interrupted run leaves nothing behind. Files inside that folder are written plainly, without a per-file fsync (the
@@ -42,7 +45,8 @@ IMAGE_NOTE = ("copied from the source tile: no diffusion model has re-rendered i
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help="tile folder: NAME.png + NAME.npz [+ classes.json]")
+    parser.add_argument("--data", type=Path, help="tile folder: NAME.png + NAME.npz [+ classes.json] (default: the "
+                        "four CoNSeP sample tiles shipped with diffaug)")
     parser.add_argument("--policy", required=True, choices=["balance", "enlarge"],
                         help="balance: turn major-class nuclei into rare-class ones; enlarge: shift nuclei")
     parser.add_argument("--out", required=True, type=Path, help="output folder (must not exist, or be empty)")
@@ -127,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise ConfigError(f"--seed: must be >= 0, got {args.seed}")
     options = _policy_options(args)
+    if args.data is None:
+        from diffaug.assets import sample_tiles_dir
+
+        args.data = sample_tiles_dir()
+        print(f"--data not given: using the CoNSeP sample tiles shipped with diffaug ({args.data})")
     _check_out(args.out, args.data)
     folder = TileFolder(args.data, classes=args.classes)
     if args.policy == "balance":
@@ -157,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(created, ignore_errors=True)
         raise
     print(_format_summary(summary))
-    print(f"wrote {summary['tiles']} tiles to {args.out}")
+    print(f"wrote {summary['tiles']} edited tiles, records.jsonl and summary.json to {args.out.resolve()}"
+          + (f"; overlays in {(args.out / 'preview').resolve()}" if args.preview else ""))
     return 0
 
 
@@ -178,8 +188,8 @@ def _run_job(folder: Any, args: argparse.Namespace, options: dict[str, Any], sta
     from diffaug.data.tiles import write_classes_json
     from diffaug.labels.balance import DonorBank, balance_label_map
     from diffaug.labels.enlarge import enlarge_label_map
-    from diffaug.labels.overlay import before_after
     from diffaug.labels.validate import validate_label_map
+    from diffaug.viz import class_count_chart
 
     names = folder.names
     num_classes = folder.scheme.num_classes if folder.has_classes else None
@@ -189,14 +199,13 @@ def _run_job(folder: Any, args: argparse.Namespace, options: dict[str, Any], sta
         donor_classes = "all" if "target_distribution" in options else "rare"
         bank = DonorBank.from_maps((folder.read(name, image=False) for name in reading), num_classes=num_classes,
                                    donor_classes=donor_classes, rare_classes=options.get("rare_classes"))
-    seeds = np.random.SeedSequence(args.seed).spawn(len(names))
     before = np.zeros(max(num_classes or 0, 2), dtype=np.int64)
     after = np.zeros_like(before)
     changed = 0
     records = []
     for index, name in enumerate(tqdm(names, desc=f"labels {args.policy}", unit="tile", disable=None)):
         tile = folder.read(name)
-        rng = np.random.default_rng(seeds[index])
+        rng = np.random.default_rng(np.random.SeedSequence(args.seed, spawn_key=(index,)))
         if bank is not None:
             edit = balance_label_map(tile.inst_map, tile.type_map, rng=rng, bank=bank, tile_name=name, **options)
             changed += edit.record["n_replaced"]
@@ -213,8 +222,7 @@ def _run_job(folder: Any, args: argparse.Namespace, options: dict[str, Any], sta
         np.savez_compressed(staging / f"{out_name}.npz", **arrays)
         shutil.copyfile(folder.root / f"{name}.png", staging / f"{out_name}.png")
         if args.preview:
-            overlay = before_after(tile.image, (tile.inst_map, tile.type_map), (edit.inst_map, edit.type_map))
-            _write_png(staging / "preview" / f"{out_name}.png", overlay)
+            _write_png(staging / "preview" / f"{out_name}.png", _before_after(tile, edit))
         before += _class_counts(tile.inst_map, tile.type_map, before.size)
         after += _class_counts(edit.inst_map, edit.type_map, after.size)
         records.append(json.dumps({"tile": out_name, "source_tile": name, "seed": {"job": args.seed, "index": index},
@@ -223,7 +231,21 @@ def _run_job(folder: Any, args: argparse.Namespace, options: dict[str, Any], sta
     write_classes_json(staging, folder.scheme)
     summary = _summary(folder, args, options, bank, before, after, changed)
     atomic_write_json(staging / "summary.json", summary)
+    if args.preview:
+        class_count_chart({f"{r['class']} {r['name']}": r["before"] for r in summary["classes"]},
+                          {f"{r['class']} {r['name']}": r["after"] for r in summary["classes"]},
+                          staging / "preview" / "class_counts.png",
+                          title=f"Nuclei per class, before/after --policy {args.policy}")
     return summary
+
+
+def _before_after(tile: Any, edit: Any, gap: int = 4) -> np.ndarray:
+    """The tile's image with its source contours | a white gap | the edited contours."""
+    from diffaug.viz import overlay_labels
+
+    left = overlay_labels(tile.image, tile.inst_map, tile.type_map)
+    right = overlay_labels(tile.image, edit.inst_map, edit.type_map)
+    return np.concatenate([left, np.full((left.shape[0], gap, 3), 255, np.uint8), right], axis=1)
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:

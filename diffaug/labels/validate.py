@@ -77,8 +77,9 @@ def label_map_problems(inst_map: np.ndarray, type_map: np.ndarray | None = None,
     n = int(inst_map.max(initial=0))
     present = np.bincount(inst_map.ravel(), minlength=n + 1)[1:] > 0
     if require_contiguous and not present.all():
-        problems.append(f"{where}: instance ids are not contiguous 1..{n}: missing {_ids_text(np.flatnonzero(~present) + 1)}"
-                        "; renumber with diffaug.labels.relabel_sequential")
+        missing = _ids_text(np.flatnonzero(~present) + 1)
+        problems.append(f"{where}: instance ids are not contiguous 1..{n}: missing {missing}; renumber with "
+                        "diffaug.labels.relabel_sequential")
     if type_map is not None:
         _check_array(where, "type_map", type_map, inst_map.shape)
         fg = inst_map > 0
