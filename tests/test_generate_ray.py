@@ -11,6 +11,7 @@ from diffaug.generate import GenerateOptions, generate
 from test_generate import assert_images_close, fixture_model, options, small_data, tree_bytes  # noqa: F401
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: the Ray engine test needs pip install 'diffaug[ray]'")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def test_ray_engine_equals_the_local_engine(local_ray, small_data: Path, fixture
     on_ray = GenerateOptions(**{**local.__dict__, "out": tmp_path / "ray", "engine": "ray", "device": None,
                                 "workers": 2})
     result = generate(on_ray)
-    assert result.generated == 5
+    assert result.generated == 5 and result.workers == 2
     a, b = tree_bytes(local.out), tree_bytes(on_ray.out)
     assert a.keys() == b.keys()
     for key in a:

@@ -34,9 +34,10 @@ class GenerateResult:
     Attributes:
         out: the output folder.
         outputs: items in the job.
-        generated: items computed by this call (0 for a job that was already complete).
+        generated: outputs this call added (0 for a job that was already complete).
         resumed: the folder already held this job.
         summary: the content of ``summary.json``.
+        workers: processes that ran the model (1 for the local engine, the actors for Ray; 0 if nothing ran).
     """
 
     out: Path
@@ -44,6 +45,7 @@ class GenerateResult:
     generated: int
     resumed: bool
     summary: dict[str, Any]
+    workers: int = 0
 
     @property
     def pictures(self) -> list[Path]:
@@ -248,17 +250,21 @@ def generate(options: GenerateOptions) -> GenerateResult:
             tile_mpp=tile_mpp)
         if "tiles" in formats:
             _write_classes_json(layout, folder.scheme, tile_mpp)
-        pending = [b for b in batches(items, options.batch_size)
-                   if not all(layout.record(item.name).is_file() for item in b)]
-        generated = sum(len(b) for b in pending)
+        missing = {item.index for item in items if not layout.record(item.name).is_file()}
+        # whole batches of the plan are rerun, so each batch is always computed with the same members
+        pending = [b for b in batches(items, options.batch_size) if any(item.index in missing for item in b)]
+        generated = len(missing)
+        workers = 0
         if pending:
             if options.engine == "ray":
-                run_ray(context, pending, total=len(items), device=device, progress=options.progress,
-                        address=options.ray_address, workers=options.workers)
+                workers = run_ray(context, pending, total=len(items), device=device, progress=options.progress,
+                                   address=options.ray_address, workers=options.workers)
             else:
                 run_local(context, pending, total=len(items), device=device, progress=options.progress)
+                workers = 1
         summary = finalize(context, items)
-    return GenerateResult(out=out, outputs=len(items), generated=generated, resumed=resumed, summary=summary)
+    return GenerateResult(out=out, outputs=len(items), generated=generated, resumed=resumed, summary=summary,
+                          workers=workers)
 
 
 def _write_classes_json(layout: Layout, scheme: Any, mpp: float | None) -> None:
