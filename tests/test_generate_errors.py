@@ -174,3 +174,14 @@ def test_bad_mpp_in_classes_json(tmp_path: Path, small_data: Path, fixture_model
     with pytest.raises(DataFormatError, match="'mpp' must be a positive number"):
         generate(opts(tmp_path / "out", data, fixture_model))
     assert not (tmp_path / "out").exists()
+
+
+def test_temporaries_of_a_killed_run_are_not_foreign_files(tmp_path: Path, small_data: Path, fixture_model: Path):
+    """A run killed while writing job.json leaves only a temporary file: the rerun starts the job and removes it."""
+    out = tmp_path / "out"
+    (out / "tiles").mkdir(parents=True)
+    (out / ".job.json.k2j4x1.tmp").write_bytes(b'{"diffaug_gen')
+    (out / "tiles" / ".x_000.png.9a8b.tmp").write_bytes(b"\x89PNG")
+    result = generate(opts(out, small_data, fixture_model, num_inference_steps=2))
+    assert result.generated == 1 and not result.resumed
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from diffaug.errors import ConfigError, MissingExtraError
+from diffaug.errors import ConfigError, DiffaugError, MissingExtraError
 from diffaug.generate.plan import Item
 from diffaug.generate.worker import BatchWorker, JobContext, resolve_device
 
@@ -93,11 +93,15 @@ def run_ray(context: JobContext, pending: Sequence[Sequence[Item]], *, total: in
         raise ConfigError(f"--workers must be an integer >= 1, got {workers!r}")
     started = False
     if not ray.is_initialized():
-        import diffaug
+        if address is None:
+            import diffaug
 
-        # Workers import diffaug from where this process does (a source checkout need not be installed).
-        source = str(Path(diffaug.__file__).resolve().parents[1])
-        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": source}}, log_to_driver=False)
+            # Local workers import diffaug from where this process does (a source checkout need not be installed);
+            # a cluster's nodes need diffaug installed.
+            source = str(Path(diffaug.__file__).resolve().parents[1])
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": source}}, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
         started = True
     elif address is not None:
         raise ConfigError(f"--ray-address {address}: Ray is already initialised in this process; drop the address "
@@ -121,8 +125,16 @@ def run_ray(context: JobContext, pending: Sequence[Sequence[Item]], *, total: in
                                    "threads": max(1, cpus // gpus) if use_gpu else 1},
             num_gpus=1 if use_gpu else 0, num_cpus=1)
         with _progress(total, total - todo, progress) as bar:
-            for row in mapped.iter_rows():
-                bar.update(int(row["count"]))
+            try:
+                for row in mapped.iter_rows():
+                    bar.update(int(row["count"]))
+            except Exception as exc:  # an actor's DiffaugError arrives wrapped in Ray's exceptions: unwrap it
+                cause: BaseException | None = exc
+                while cause is not None and not isinstance(cause, DiffaugError):
+                    cause = getattr(cause, "cause", None) or cause.__cause__
+                if cause is None:
+                    raise
+                raise cause from None
         return size
     finally:
         if started:

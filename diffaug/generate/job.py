@@ -198,7 +198,7 @@ def check_or_write_job(layout: Layout, spec: Mapping[str, Any], info: Mapping[st
             raise ConfigError(f"--out {root}: holds a different generation job ({shown}). Rerun the command that "
                               "made it to resume it, or choose a new --out folder")
         return True, stored
-    if root.is_dir() and any(p.name != layout.lock.name for p in root.iterdir()):
+    if root.is_dir() and any(p.name != layout.lock.name and not _is_temporary(p) for p in root.iterdir()):
         raise ConfigError(f"--out {root}: is not empty and holds no {JOB_FILE}, so it is not a `diffaug generate` "
                           "output; choose a new or empty folder")
     root.mkdir(parents=True, exist_ok=True)
@@ -229,14 +229,20 @@ def job_lock(layout: Layout) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def _is_temporary(path: Path) -> bool:
+    """A temporary file of :mod:`diffaug._io`'s atomic writes (``.NAME.RANDOM.tmp``)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
 def remove_stale_temporaries(layout: Layout) -> int:
     """Delete temporary files (``.NAME.*.tmp``) left by atomic writes of a killed run; returns how many."""
     count = 0
     for folder in (layout.root, layout.tiles, layout.hovernet, layout.records):
         if folder.is_dir():
-            for path in folder.glob(".*.tmp"):
-                path.unlink(missing_ok=True)
-                count += 1
+            for path in folder.iterdir():
+                if _is_temporary(path):
+                    path.unlink(missing_ok=True)
+                    count += 1
     return count
 
 
