@@ -61,7 +61,8 @@ def main() -> int:
     parser.add_argument("--outputs", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20, help="num_inference_steps (strength 0.55)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of the local engine (default: all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the first local row (default: torch's; a second local row uses 1)")
     args = parser.parse_args()
 
     import torch
@@ -82,19 +83,29 @@ def main() -> int:
                                num_inference_steps=args.steps, device="cpu", progress=False)
         rows = []
 
-        def timed(name: str, opts: GenerateOptions, workers: int) -> None:
+        def timed(name: str, opts: GenerateOptions, workers: int, threads: int | None = None) -> None:
+            """Run ``opts`` and record images/s; ``threads``: torch threads of this process (Ray actors use 1)."""
+            previous = torch.get_num_threads()
+            if threads:
+                torch.set_num_threads(threads)
             start = time.perf_counter()
             result = generate(opts)
             seconds = time.perf_counter() - start
-            row = {"engine": name, "workers": workers, "outputs": result.generated, "seconds": round(seconds, 2),
+            torch.set_num_threads(previous)
+            row = {"engine": name, "workers": workers,
+                   "torch_threads": 1 if opts.engine == "ray" else threads or previous,
+                   "outputs": result.generated, "seconds": round(seconds, 2),
                    "images_per_s": round(result.generated / seconds, 3)}
             if opts.out != base.out:
                 row.update(compare(base.out, opts.out))
             rows.append(row)
-            print(f"{name:<12}{workers:>8}{result.generated:>9}{seconds:>10.1f}{row['images_per_s']:>10.3f}")
+            print(f"{name:<12}{workers:>8}{row['torch_threads']:>8}{result.generated:>9}{seconds:>10.1f}"
+                  f"{row['images_per_s']:>10.3f}")
 
-        print(f"{'engine':<12}{'workers':>8}{'outputs':>9}{'seconds':>10}{'images/s':>10}")
+        print(f"{'engine':<12}{'workers':>8}{'threads':>8}{'outputs':>9}{'seconds':>10}{'images/s':>10}")
         timed("local", base, 1)
+        if torch.get_num_threads() > 1:
+            timed("local", GenerateOptions(**{**base.__dict__, "out": work / "local1"}), 1, threads=1)
         ray_note = None
         try:
             import ray
@@ -113,7 +124,8 @@ def main() -> int:
             finally:
                 ray.shutdown()
         local = rows[0]["images_per_s"]
-        ratios = {f"{r['engine']}_{r['workers']}_vs_local": round(r["images_per_s"] / local, 3) for r in rows[1:]}
+        ratios = {f"{r['engine']}_{r['workers']}x{r['torch_threads']}_threads_vs_local":
+                  round(r["images_per_s"] / local, 3) for r in rows[1:]}
         for key, value in ratios.items():
             print(f"{key}: {value:.2f}x")
         result = {

@@ -177,11 +177,15 @@ def test_bad_mpp_in_classes_json(tmp_path: Path, small_data: Path, fixture_model
 
 
 def test_temporaries_of_a_killed_run_are_not_foreign_files(tmp_path: Path, small_data: Path, fixture_model: Path):
-    """A run killed while writing job.json leaves only a temporary file: the rerun starts the job and removes it."""
+    """Killed while writing job.json, a run leaves only a temporary file: the rerun starts the job. Temporaries a
+    kill leaves inside a job's folders are removed by the next run."""
     out = tmp_path / "out"
-    (out / "tiles").mkdir(parents=True)
+    out.mkdir()
     (out / ".job.json.k2j4x1.tmp").write_bytes(b'{"diffaug_gen')
-    (out / "tiles" / ".x_000.png.9a8b.tmp").write_bytes(b"\x89PNG")
-    result = generate(opts(out, small_data, fixture_model, num_inference_steps=2))
+    first = opts(out, small_data, fixture_model, num_inference_steps=2)
+    result = generate(first)
     assert result.generated == 1 and not result.resumed
+    (out / "tiles" / ".x_000.png.9a8b.tmp").write_bytes(b"\x89PNG")
+    (out / "records" / ".x_000.json.77aa.tmp").write_bytes(b"{")
+    assert generate(first).resumed
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]

@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     state = ("resumed: " if result.resumed and result.generated else "already complete: " if result.resumed else "")
     print(f"{state}{result.generated} of {result.outputs} outputs generated in this run")
-    print(f"outputs:  {result.out.resolve()}/ ({', '.join(v for k, v in summary['files'].items() if k in ('tiles', 'hovernet'))}"
-          f", manifest.jsonl, summary.json)")
+    folders = [summary["files"][k] for k in ("tiles", "hovernet") if k in summary["files"]]
+    print(f"outputs:  {result.out.resolve()}/ ({', '.join(folders)}, manifest.jsonl, summary.json)")
     for picture in result.pictures:
         print(f"picture:  {picture.resolve()}")
     return 0

@@ -12,6 +12,7 @@ data, the weights folder and the output folder must be on storage every node see
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,28 @@ class _RayBatchActor:
         return {"count": np.asarray(counts, dtype=np.int64)}
 
 
+class _QuietRayData:
+    """Switch off Ray Data's progress bars and execution logs for a ``with`` block, then restore them."""
+
+    _FIELDS = ("enable_progress_bars", "enable_operator_progress_bars", "print_on_execution_start")
+
+    def __init__(self, ray: Any) -> None:
+        self.context = ray.data.DataContext.get_current()
+        self.logger = logging.getLogger("ray.data")
+
+    def __enter__(self) -> None:
+        self.saved = {name: getattr(self.context, name) for name in self._FIELDS if hasattr(self.context, name)}
+        self.level = self.logger.level
+        for name in self.saved:
+            setattr(self.context, name, False)
+        self.logger.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc: object) -> None:
+        for name, value in self.saved.items():
+            setattr(self.context, name, value)
+        self.logger.setLevel(self.level)
+
+
 def run_ray(context: JobContext, pending: Sequence[Sequence[Item]], *, total: int, device: str | None,
             progress: bool | None = None, address: str | None = None, workers: int | None = None) -> int:
     """Run ``pending`` batches on a pool of Ray Data actors; returns the number of actors used.
@@ -99,9 +122,10 @@ def run_ray(context: JobContext, pending: Sequence[Sequence[Item]], *, total: in
             # Local workers import diffaug from where this process does (a source checkout need not be installed);
             # a cluster's nodes need diffaug installed.
             source = str(Path(diffaug.__file__).resolve().parents[1])
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": source}}, log_to_driver=False)
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": source}}, log_to_driver=False,
+                     logging_level=logging.WARNING)
         else:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         started = True
     elif address is not None:
         raise ConfigError(f"--ray-address {address}: Ray is already initialised in this process; drop the address "
@@ -118,13 +142,14 @@ def run_ray(context: JobContext, pending: Sequence[Sequence[Item]], *, total: in
         if todo == 0:
             return 0
         rows = [{"start": b[0].index, "stop": b[-1].index + 1} for b in pending]
+        quiet = _QuietRayData(ray)  # our progress bar replaces Ray Data's progress logs
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
         mapped = dataset.map_batches(
             _RayBatchActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=size),
             fn_constructor_kwargs={"context": context, "device": "cuda" if use_gpu else "cpu",
                                    "threads": max(1, cpus // gpus) if use_gpu else 1},
             num_gpus=1 if use_gpu else 0, num_cpus=1)
-        with _progress(total, total - todo, progress) as bar:
+        with quiet, _progress(total, total - todo, progress) as bar:
             try:
                 for row in mapped.iter_rows():
                     bar.update(int(row["count"]))

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from diffaug.labels.balance import DonorBank
     from diffaug.labels.edit import LabelEdit
 
-__all__ = ["JobContext", "WindowEdit", "BatchWorker", "crop_window", "edit_window", "window_bank", "class_counts", "resolve_device"]
+__all__ = ["JobContext", "WindowEdit", "BatchWorker", "crop_window", "edit_window", "window_bank", "class_counts",
+           "changed_nuclei", "resolve_device"]
 
 
 @dataclass(frozen=True)
