@@ -136,27 +136,25 @@ def _check_edit_options(options: GenerateOptions, folder: Any) -> None:
     from diffaug.labels.balance import check_balance_params
     from diffaug.labels.enlarge import check_enlarge_params
 
-    if options.policy in ("balance", "both"):
-        if not folder.has_classes:
-            raise ConfigError(f"--policy {options.policy}: the tiles in {folder.root} have no classes; balancing "
-                              "needs classes. Use --policy enlarge")
+    uses_balance = options.policy in ("balance", "both")
+    if uses_balance and not folder.has_classes:
+        raise ConfigError(f"--policy {options.policy}: the tiles in {folder.root} have no classes; balancing needs "
+                          "classes. Use --policy enlarge")
+    for edit, used, given, check in (
+            ("balance", uses_balance, options.balance,
+             lambda: check_balance_params(num_classes=folder.scheme.num_classes, **options.balance)),
+            ("enlarge", options.policy in ("enlarge", "both"), options.enlarge,
+             lambda: check_enlarge_params(**options.enlarge))):
+        if not used:
+            if given:
+                raise ConfigError(f"{edit} options {sorted(given)} given, but --policy is {options.policy}")
+            continue
         try:
-            check_balance_params(num_classes=folder.scheme.num_classes, **options.balance)
-        except TypeError as exc:
-            raise ConfigError(f"balance options: {exc}") from None
+            check()
+        except TypeError as exc:  # an unknown keyword
+            raise ConfigError(f"{edit} options: {exc}") from None
         except DiffaugError as exc:
             raise ConfigError(f"--policy {options.policy}: {exc}") from None
-    elif options.balance:
-        raise ConfigError(f"balance options {sorted(options.balance)} given, but --policy is {options.policy}")
-    if options.policy in ("enlarge", "both"):
-        try:
-            check_enlarge_params(**options.enlarge)
-        except TypeError as exc:
-            raise ConfigError(f"enlarge options: {exc}") from None
-        except DiffaugError as exc:
-            raise ConfigError(f"--policy {options.policy}: {exc}") from None
-    elif options.enlarge:
-        raise ConfigError(f"enlarge options {sorted(options.enlarge)} given, but --policy is {options.policy}")
 
 
 def _tile_shapes(folder: Any) -> list[tuple[str, tuple[int, int]]]:

@@ -101,6 +101,7 @@ class WindowEdit:
         before: the window's maps before the edit, ``(inst_map, type_map)``, ids renumbered 1..N.
         edit: the edit (its maps condition the synthesis).
         source_inst_id: per output nucleus, its id in the *source tile* (0: none).
+        noise: the item's start noise, (1, 3, size, size) from its own generator.
     """
 
     image: np.ndarray
