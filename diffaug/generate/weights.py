@@ -1,0 +1,159 @@
+"""Which weights a generation job uses: ``builtin``, a model folder, a registered name or a Hub repo id.
+
+The built-in checkpoint is the small SDM the project trains itself (see its ``MODEL_CARD.md``). It lives in the
+repository's top-level ``checkpoints/builtin/`` and is installed into the package as ``diffaug/checkpoints/builtin``
+(setup.py maps the folder onto the package ``diffaug.checkpoints``), so :func:`builtin_weights` looks in the installed
+package first and then, for a source checkout run without installing, beside the ``diffaug`` folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from diffaug.errors import WeightsError
+
+__all__ = ["BUILTIN", "WeightsInfo", "builtin_weights", "resolve_weights", "sha256_file"]
+
+#: The ``--weights`` value naming the built-in checkpoint.
+BUILTIN = "builtin"
+_MODEL_FILES = ("config.json", "model.safetensors")
+
+
+def _builtin_candidates() -> list[Path]:
+    """Where the built-in checkpoint may be, in order: the installed package, then the source checkout."""
+    import importlib.resources
+
+    candidates: list[Path] = []
+    try:
+        candidates.append(Path(str(importlib.resources.files("diffaug.checkpoints"))) / "builtin")
+    except ModuleNotFoundError:  # a source checkout that is not installed has no diffaug.checkpoints package
+        pass
+    package = Path(__file__).resolve().parents[1]  # .../diffaug
+    candidates += [package / "checkpoints" / "builtin", package.parent / "checkpoints" / "builtin"]
+    return list(dict.fromkeys(candidates))
+
+
+def builtin_weights() -> Path:
+    """The folder of the built-in checkpoint (``config.json`` + ``model.safetensors`` + ``MODEL_CARD.md``).
+
+    Looks in the installed package (``diffaug/checkpoints/builtin``) first, then in the top-level ``checkpoints/``
+    of a source checkout.
+
+    Raises:
+        WeightsError: the checkpoint is in none of those places (a broken install, or a checkout without it).
+
+    Example:
+        >>> from diffaug.generate import builtin_weights
+        >>> builtin_weights()  # doctest: +SKIP
+        PosixPath('.../site-packages/diffaug/checkpoints/builtin')
+    """
+    searched = _builtin_candidates()
+    for folder in searched:
+        if all((folder / name).is_file() for name in _MODEL_FILES):
+            return folder
+    where = "; ".join(str(p) for p in searched)
+    raise WeightsError(f"the built-in checkpoint was not found (looked for {' + '.join(_MODEL_FILES)} in: {where}). "
+                       "Reinstall diffaug (`pip install diffaug`, or `pip install .` in a checkout), or pass "
+                       "--weights PATH (a model folder) or --weights ORG/NAME (a Hub repo in diffaug's format)")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """sha256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """The weights of a job and what the manifest records about them.
+
+    Attributes:
+        id: what the user passed (``"builtin"``, a folder, a registered name or a Hub repo id).
+        path: the local folder with ``config.json`` + ``model.safetensors``.
+        sha256: sha256 of ``model.safetensors``: the identity of the weights (a job fingerprint uses it).
+        kind: ``"builtin"``, ``"folder"``, ``"hub"`` or ``"registry"``.
+        repo_id: Hub repository, if any.
+        revision: Hub revision asked for, if any.
+        commit_sha: Hub commit the revision resolved to, if any.
+        image_size: the model's image size (the window side).
+        num_classes: classes of its condition, background included.
+        class_scheme: class scheme it was trained in, if its config names one.
+        mpp: µm per pixel of its training data, if its config declares ``mpp``.
+    """
+
+    id: str
+    path: Path
+    sha256: str
+    kind: str
+    repo_id: str | None
+    revision: str | None
+    commit_sha: str | None
+    image_size: int
+    num_classes: int
+    class_scheme: str | None
+    mpp: float | None
+
+    def record(self) -> dict[str, Any]:
+        """The JSON block the manifest and ``job.json`` carry (no local path: it differs between machines)."""
+        out = asdict(self)
+        out.pop("path")
+        return out
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{path}: unreadable model config ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("image_size"), int) \
+            or not isinstance(config.get("num_classes"), int):
+        raise WeightsError(f"{path}: not a diffaug model config (needs integer image_size and num_classes)")
+    return config
+
+
+def _mpp(config: dict[str, Any], path: Path) -> float | None:
+    value = config.get("mpp")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise WeightsError(f"{path / 'config.json'}: mpp must be a positive number (µm per pixel), got {value!r}")
+    return float(value)
+
+
+def resolve_weights(weights: str | os.PathLike[str], revision: str | None = None) -> WeightsInfo:
+    """Find the weights named by ``weights`` and describe them.
+
+    Args:
+        weights: ``"builtin"`` (:func:`builtin_weights`), a model folder, a name of :data:`diffaug.hub.REGISTRY`,
+            or a Hub repo id ``org/name`` in diffaug's format.
+        revision: Hub revision (branch, tag or commit sha) for a repo id or registered name.
+
+    Raises:
+        WeightsError: unknown weights (no such folder, not a registered name or a repo id), a folder without the model
+            files, a Hub repo that is neither cached nor downloadable, or an unreadable config.
+    """
+    text = os.fspath(weights)
+    if text == BUILTIN:
+        if revision is not None:
+            raise WeightsError(f"--revision {revision}: the built-in checkpoint has no revisions; drop --revision")
+        path, kind, repo_id, rev, commit = builtin_weights(), BUILTIN, None, None, None
+    else:
+        from diffaug.hub import resolve_pretrained_info
+
+        resolved = resolve_pretrained_info(weights, revision=revision)
+        path, kind = Path(resolved.path), resolved.kind
+        repo_id, rev, commit = resolved.repo_id, resolved.revision, resolved.commit_sha
+    config = _read_config(path)
+    return WeightsInfo(id=text, path=path.resolve(), sha256=sha256_file(path / "model.safetensors"), kind=kind,
+                       repo_id=repo_id, revision=rev, commit_sha=commit, image_size=int(config["image_size"]),
+                       num_classes=int(config["num_classes"]), class_scheme=config.get("class_scheme"),
+                       mpp=_mpp(config, path))
