@@ -53,11 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffaug`` console script. Returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # First pass finds the subcommand; its module then adds its own arguments.
-    args, _ = parser.parse_known_args(argv)
+    # First pass finds the subcommand (without -h, so that `diffaug CMD --help` lists CMD's own options); its module
+    # then adds its own arguments.
+    first = [a for a in argv if a not in ("-h", "--help")]
+    args, _ = parser.parse_known_args(first)
     if args.command is None:
         parser.print_help()
-        return 0 if not argv else 2
+        return 0 if len(first) == 0 else 2
     module = importlib.import_module(args._module)
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
     module.add_arguments(sub_parser)

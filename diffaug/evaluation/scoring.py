@@ -24,7 +24,7 @@ import numpy as np
 from diffaug.errors import InvalidInputError
 from diffaug.labels.instances import instance_centroids, instance_types, relabel_sequential
 
-__all__ = ["LabelMaps", "check_map_pairs", "score_maps", "INSTANCE_METRICS"]
+__all__ = ["LabelMaps", "check_map_pairs", "score_maps", "scores_to_json", "INSTANCE_METRICS"]
 
 INSTANCE_METRICS = ("dice", "aji", "aji_plus", "dq", "sq", "pq")
 
@@ -124,4 +124,12 @@ def score_maps(true: Sequence[LabelMaps], pred: Sequence[LabelMaps], *, classes:
         out["f1_detection"] = float(stats["f1_detection"])
         out["accuracy"] = float(stats["accuracy"])
         out["f1_per_class"] = {int(c): float(f) for c, f in stats["f1_per_class"].items()}
+    return out
+
+
+def scores_to_json(scores: dict[str, Any]) -> dict[str, Any]:
+    """``score_maps`` output with string class keys, for JSON."""
+    out = dict(scores)
+    if "f1_per_class" in out:
+        out["f1_per_class"] = {str(k): v for k, v in out["f1_per_class"].items()}
     return out
