@@ -105,16 +105,15 @@ def _folders(args: argparse.Namespace, test_data: str | None, *, allow_all: bool
     """(train folder, train names, test folder, test names)."""
     from diffaug.data.tiles import TileFolder
     from diffaug.evaluation.split import split_by_source
+    from diffaug.metrics import require_class_labels
 
     folder = TileFolder(args.data)
     if test_data is not None:
         if args.val_images is not None:
             raise ConfigError("give either --test-data or --val-images, not both")
         test = TileFolder(test_data)
-        if folder.has_classes and not test.has_classes:
-            raise DataFormatError(f"{test.root}: test folder has no classes (no classes.json / type maps), so the "
-                                  "per-class F1 cannot be computed; give a class-labelled test folder in the scheme "
-                                  f"{folder.scheme.name!r}")
+        if folder.has_classes:
+            require_class_labels(test, "per-class F1")
         if test.scheme.name != folder.scheme.name:
             raise DataFormatError(f"{test.root}: classes {test.scheme.name!r} differ from the training folder's "
                                   f"{folder.scheme.name!r}; score in one class scheme")
