@@ -13,7 +13,7 @@ Determinism: the model is initialised from ``torch.Generator().manual_seed(seed)
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,7 +114,8 @@ def _batch(tiles: Sequence[Tile], indices: np.ndarray, patch_size: int, rng: np.
 
 
 def train_segmenter(tiles: Sequence[Tile], config: SegmenterConfig, settings: TrainingSettings = TrainingSettings(),
-                    *, device: str | torch.device = "cpu", progress: bool = True) -> Segmenter:
+                    *, device: str | torch.device = "cpu", progress: bool = True,
+                    on_step: Callable[[int, dict[str, float]], None] | None = None) -> Segmenter:
     """Train a new :class:`Segmenter` on ``tiles`` and return it in eval mode.
 
     Args:
@@ -123,6 +124,7 @@ def train_segmenter(tiles: Sequence[Tile], config: SegmenterConfig, settings: Tr
         settings: optimisation budget and seed.
         device: torch device.
         progress: show a progress bar with the running loss.
+        on_step: called after every step with the step index and the loss parts (``"total"`` included), e.g. to log.
 
     Example:
         >>> from diffaug.data import TileFolder  # doctest: +SKIP
@@ -142,7 +144,7 @@ def train_segmenter(tiles: Sequence[Tile], config: SegmenterConfig, settings: Tr
     model.train()
     bar = tqdm(range(settings.steps), desc="segmenter", disable=not progress, leave=False)
     running = None
-    for _ in bar:
+    for step in bar:
         indices = rng.integers(0, len(tiles), size=settings.batch_size)
         x, targets = _batch(tiles, indices, settings.patch_size, rng, config.has_types)
         x = x.to(device)
@@ -155,5 +157,7 @@ def train_segmenter(tiles: Sequence[Tile], config: SegmenterConfig, settings: Tr
         value = float(loss.detach())
         running = value if running is None else 0.95 * running + 0.05 * value
         bar.set_postfix(loss=f"{running:.3f}")
+        if on_step is not None:
+            on_step(step, {"total": value, **parts})
     model.eval()
     return model

@@ -9,7 +9,7 @@ over them and blending the pasted pixels into the tissue. diffaug's version has 
 2. **Image** (this module, written for diffaug; GradMix's own code is GPL-2.0 and was not used):
    a. every cleared major nucleus is erased from the image by inpainting (OpenCV's Telea method, ``cv2.inpaint``)
       over its mask dilated by ``blend_margin`` px, leaving every nucleus that stays untouched;
-   b. every donor is pasted with Poisson blending (Pérez et al. 2003; OpenCV's ``seamlessClone``, normal clone):
+   b. every donor is pasted with Poisson blending (:func:`poisson_blend`, Pérez et al. 2003, seamless cloning):
       inside the donor's mask dilated by ``blend_margin`` px (again minus the other nuclei), the result keeps the
       donor image's gradients while matching the target image on the region's boundary, so the donor's texture
       comes in without a visible seam or colour jump. The pasted nucleus lands exactly where the edited label map
@@ -85,6 +85,56 @@ def _donor_canvas(base: np.ndarray, paste: Paste, region: np.ndarray) -> np.ndar
     return canvas
 
 
+def poisson_blend(source: np.ndarray, target: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Poisson image editing with imported gradients (Pérez et al., SIGGRAPH 2003, eq. 7-8, "seamless cloning").
+
+    Inside ``region`` (Ω) the result f solves the discrete Poisson equation with the source's Laplacian as guidance
+    and the target as Dirichlet boundary on ∂Ω (the 4-neighbours of Ω outside it):
+
+        |N_p| f_p − Σ_{q ∈ N_p ∩ Ω} f_q = Σ_{q ∈ N_p ∩ ∂Ω} target_q + Σ_{q ∈ N_p} (source_p − source_q),
+
+    so the source's texture comes in while its colour level adapts to the target along the boundary. Outside Ω the
+    target is returned unchanged. Pixels of Ω on the image border are left out of Ω (they have no full
+    neighbourhood). One sparse LU factorisation serves the three channels.
+
+    Args:
+        source: RGB uint8 (H, W, 3), the image whose gradients are imported (already aligned with ``target``).
+        target: RGB uint8 (H, W, 3).
+        region: bool (H, W), Ω.
+    """
+    from scipy.sparse import csc_matrix
+    from scipy.sparse.linalg import splu
+
+    height, width = region.shape
+    omega = region.copy()
+    omega[[0, -1], :] = False
+    omega[:, [0, -1]] = False
+    ys, xs = np.nonzero(omega)
+    out = target.copy()
+    n = ys.size
+    if n == 0:
+        return out
+    index = np.full(region.shape, -1, dtype=np.int64)
+    index[ys, xs] = np.arange(n)
+    src = source.astype(np.float64)
+    dst = target.astype(np.float64)
+    rows, cols, vals = [np.arange(n)], [np.arange(n)], [np.full(n, 4.0)]
+    rhs = np.zeros((n, 3))
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        qy, qx = ys + dy, xs + dx  # always inside the image: Ω keeps off the border
+        rhs += src[ys, xs] - src[qy, qx]
+        inside = index[qy, qx]
+        in_omega = inside >= 0
+        rows.append(np.flatnonzero(in_omega))
+        cols.append(inside[in_omega])
+        vals.append(np.full(int(in_omega.sum()), -1.0))
+        rhs[~in_omega] += dst[qy[~in_omega], qx[~in_omega]]
+    matrix = csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    solution = splu(matrix).solve(rhs)
+    out[ys, xs] = np.clip(np.rint(solution), 0, 255).astype(np.uint8)
+    return out
+
+
 def _erase(image: np.ndarray, removed: np.ndarray, protected: np.ndarray, margin: int, radius: int) -> np.ndarray:
     """Replace each removed nucleus (dilated by ``margin``, minus protected pixels) by nearby nucleus-free tissue.
 
@@ -144,13 +194,12 @@ def _fill_from_background(image: np.ndarray, region: np.ndarray, background: np.
     sy, sx = int(cy[best]), int(cx[best])
     canvas = image.copy()
     canvas[y0:y1, x0:x1] = image[sy:sy + h, sx:sx + w]
-    centre = (x0 + w // 2, y0 + h // 2)
-    return cv2.seamlessClone(canvas, image, region.astype(np.uint8) * 255, centre, cv2.NORMAL_CLONE), True
+    return poisson_blend(canvas, image, region), True
 
 
 def blend_nuclei(image: np.ndarray, *, removed: np.ndarray, protected: np.ndarray, pastes: Sequence[Paste],
                  blend_margin: int = 3, inpaint_radius: int = 3) -> np.ndarray:
-    """Erase ``removed`` nuclei by inpainting, then Poisson-blend each donor into place (see the module docstring).
+    """Erase ``removed`` nuclei, then Poisson-blend each donor into place (see the module docstring).
 
     Args:
         image: RGB uint8 (H, W, 3).
@@ -163,28 +212,20 @@ def blend_nuclei(image: np.ndarray, *, removed: np.ndarray, protected: np.ndarra
     Returns:
         The blended image (a new array).
     """
-    import cv2
-
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise InvalidInputError(f"blend_nuclei: image must be RGB uint8 (H, W, 3), got {image.dtype} {image.shape}")
     out = image.copy()
-    height, width = image.shape[:2]
     if removed.any():
         out = _erase(out, removed, protected, blend_margin, inpaint_radius)
     for paste in pastes:
         others = protected & ~paste.target_mask
         region = _dilate(paste.target_mask, blend_margin) & ~others
-        # seamlessClone zeroes the mask's outermost pixel ring; keep the region off the image border.
-        region[[0, -1], :] = False
-        region[:, [0, -1]] = False
         canvas = _donor_canvas(out, paste, region)
-        ry0, ry1, rx0, rx1 = _bbox(region)
-        # seamlessClone centres the mask's bounding box on ``p``: roi_d.x = p.x - w // 2, so this p keeps it in place.
-        centre = (rx0 + (rx1 - rx0) // 2, ry0 + (ry1 - ry0) // 2)
-        if ry0 >= 1 and rx0 >= 1 and ry1 <= height - 1 and rx1 <= width - 1:
-            out = cv2.seamlessClone(canvas, out, region.astype(np.uint8) * 255, centre, cv2.NORMAL_CLONE)
-        else:  # touching the border: Poisson has no boundary there, copy the donor's nucleus pixels instead
-            out[paste.target_mask] = canvas[paste.target_mask]
+        out = poisson_blend(canvas, out, region)
+        # Ω leaves out the image border; there the donor's nucleus pixels are copied as they are.
+        edge = paste.target_mask.copy()
+        edge[1:-1, 1:-1] = False
+        out[edge] = canvas[edge]
     return out
 
 
