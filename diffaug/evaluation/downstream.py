@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from diffaug._io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from diffaug.data.tiles import Tile, TileFolder, write_tile
+from diffaug.data.schemes import SCHEMES, ClassScheme
+from diffaug.data.tiles import Tile, TileFolder, write_classes_json, write_tile
 from diffaug.errors import ConfigError
 from diffaug.evaluation.scoring import INSTANCE_METRICS, LabelMaps, score_maps, scores_to_json
 from diffaug.evaluation.synthetic import SynthesisSettings, diffmix_pairs, gradmix_pairs
@@ -89,7 +90,9 @@ class DownstreamJob:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _save_tiles(folder: Path, tiles: Sequence[Tile]) -> None:
+def _save_tiles(folder: Path, tiles: Sequence[Tile], scheme: ClassScheme) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_classes_json(folder, scheme)
     for tile in tiles:
         write_tile(folder, tile.name, inst_map=tile.inst_map, type_map=tile.type_map, image=tile.image,
                    inst_type=tile.inst_type)
@@ -101,7 +104,7 @@ def _load_tiles(folder: Path) -> list[Tile] | None:
         return None
     if int((folder / "COMPLETE").read_text()) == 0:
         return []
-    view = TileFolder(folder, classes="raw")
+    view = TileFolder(folder)
     return [view.read(n) for n in view.names]
 
 
@@ -136,6 +139,7 @@ def run_downstream(job: DownstreamJob, train: Sequence[Tile], test: Sequence[Til
         atomic_write_json(job_path, job_data)
     started = time.perf_counter()
     config = SegmenterConfig(**job.segmenter)
+    scheme = SCHEMES.get(config.scheme) or ClassScheme(config.scheme, config.class_names)
     classes = job.classes
     truth = [LabelMaps(t.inst_map, t.type_map if classes is not None else None) for t in test]
     pipe = None
@@ -161,7 +165,7 @@ def run_downstream(job: DownstreamJob, train: Sequence[Tile], test: Sequence[Til
                 synthetic = diffmix_pairs(train, arm.removeprefix("diffmix-"), pipe,  # type: ignore[arg-type]
                                           seed=job.synthesis_seed, bank=bank,
                                           settings=SynthesisSettings(**job.synthesis))
-            _save_tiles(out / "synthetic" / arm, synthetic)
+            _save_tiles(out / "synthetic" / arm, synthetic, scheme)
             log(f"{arm}: {len(synthetic)} synthetic pairs in {time.perf_counter() - t0:.0f} s")
         runs = []
         for seed in job.seeds:
