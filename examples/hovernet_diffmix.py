@@ -137,7 +137,7 @@ def train(args: argparse.Namespace) -> Path:
             step += 1
             synthetic += int(batch["is_synthetic"].sum())
             if step % args.log_every == 0 or step == args.steps:
-                print(f"step {step}: loss {float(loss):.3f} (np {parts['np_ce']:.3f}, hv {parts['hv_mse']:.3f}, "
+                print(f"step {step}: loss {loss.item():.3f} (np {parts['np_ce']:.3f}, hv {parts['hv_mse']:.3f}, "
                       f"tp {parts['tp_ce']:.3f}); synthetic samples so far {synthetic}/{step * args.batch_size}",
                       flush=True)
             if step == args.steps:
