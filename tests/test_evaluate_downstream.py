@@ -36,7 +36,8 @@ def test_summarise_mean_and_sample_std():
 
 def test_smoke_real_and_gradmix_end_to_end(consep_dir, tmp_path, capsys):
     out = tmp_path / "ds"
-    args = ["--smoke", "--data", str(consep_dir), "--val-images", "2", "--arms", "real,gradmix", "--out", str(out)]
+    args = ["--smoke", "--data", str(consep_dir), "--val-images", "2", "--arms", "real,gradmix",
+            "--max-train-tiles", "4", "--out", str(out)]
     assert _run(*args) == 0
     report = json.loads((out / "results.json").read_text())
     assert list(report["arms"]) == ["real", "gradmix"]
@@ -46,7 +47,7 @@ def test_smoke_real_and_gradmix_end_to_end(consep_dir, tmp_path, capsys):
         assert {"dice", "aji", "pq", "f1_detection", "f1_class_1"} <= set(res["mean"])
     assert report["arms"]["real"]["n_synthetic"] == 0 and report["arms"]["gradmix"]["n_synthetic"] >= 1
     table = (out / "results.md").read_text()
-    assert "| gradmix | 2 + " in table and "F1 other" in table and " ± " in table
+    assert "| gradmix | 4 + " in table and "F1 other" in table and " ± " in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Train and test tiles come from different source images.
     job = report["job"]

@@ -22,7 +22,7 @@ from diffaug.errors import ConfigError, DataFormatError
 HELP = "label fidelity and downstream evaluation"
 
 _SMOKE = {"channels": (8, 16), "steps": 3, "batch_size": 2, "patch_size": 64, "max_train_tiles": 2,
-          "max_test_tiles": 2, "num_inference_steps": 2, "seeds": 1}
+          "max_test_tiles": 2, "num_inference_steps": 2, "seeds": 1, "tile_size": 128}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -47,7 +47,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     s.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance w (DiffMix: 1.5)")
     s.add_argument("--synthesis-batch-size", type=int, default=4, help="images per diffusion batch")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny run for CI: 2 train and 2 test tiles, 64-px crops, 3 segmenter steps, 2 DDIM steps")
+                   help="tiny run for CI: the centre 128 px of 2 train and 2 test tiles, a (8, 16)-channel segmenter "
+                        "trained 3 steps, 2 DDIM steps, at most 2 seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -82,9 +83,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     s = {"channels": channels, "steps": args.segmenter_steps, "batch_size": args.batch_size,
          "patch_size": args.patch_size, "max_train_tiles": args.max_train_tiles,
          "max_test_tiles": args.max_test_tiles, "num_inference_steps": args.num_inference_steps,
-         "seeds": getattr(args, "seeds", 1)}
+         "seeds": getattr(args, "seeds", 1), "tile_size": None}
     if args.smoke:
-        s.update({k: v for k, v in _SMOKE.items() if k not in ("seeds",)})
+        # Smoke sizes win, except the tile counts when given explicitly.
+        s.update({k: v for k, v in _SMOKE.items() if k != "seeds" and not (k.startswith("max_") and s[k] is not None)})
         s["seeds"] = min(s["seeds"], 2)
     for key in ("max_train_tiles", "max_test_tiles"):
         if s[key] is not None and s[key] < 1:
@@ -122,6 +124,24 @@ def _folders(args: argparse.Namespace, test_data: str | None, *, allow_all: bool
         return folder, [], folder, list(folder.names)
     train, val = split_by_source(folder, 5 if args.val_images is None else args.val_images, seed=args.seed)
     return folder, train, folder, val
+
+
+def _read(folder: Any, names: list[str], tile_size: int | None) -> list[Any]:
+    """Read tiles; with ``tile_size`` (``--smoke``) keep only their centre ``tile_size`` square."""
+    from diffaug.data.tiles import Tile
+    from diffaug.labels import relabel_sequential
+
+    tiles = [folder.read(n) for n in names]
+    if tile_size is None:
+        return tiles
+    out = []
+    for t in tiles:
+        h, w = t.inst_map.shape
+        y0, x0 = max(0, (h - tile_size) // 2), max(0, (w - tile_size) // 2)
+        sl = (slice(y0, y0 + tile_size), slice(x0, x0 + tile_size))
+        out.append(Tile(t.name, t.image[sl], relabel_sequential(t.inst_map[sl]),
+                        None if t.type_map is None else t.type_map[sl]))
+    return out
 
 
 def _segmenter_config(folder: Any, channels: tuple[int, ...], provenance: dict[str, Any]):
@@ -190,11 +210,11 @@ def _run_fidelity(args: argparse.Namespace) -> int:
         training = TrainingSettings(steps=s["steps"], batch_size=s["batch_size"], patch_size=s["patch_size"],
                                     lr=args.lr, seed=args.seed)
         log(f"training the segmenter on {len(train_names)} real tiles ({s['steps']} steps)")
-        segmenter = train_segmenter([folder.read(n) for n in train_names], config, training, device=args.device,
+        segmenter = train_segmenter(_read(folder, train_names, s["tile_size"]), config, training, device=args.device,
                                     progress=not args.no_progress)
         segmenter.save_pretrained(out / "segmenter")
     pipe = _pipe_factory(args)()
-    tiles = [folder.read(n) for n in test_names]
+    tiles = _read(folder, test_names, s["tile_size"])
     log(f"synthesising {len(tiles)} images from held-out label maps ({synthesis.num_inference_steps} steps, "
         f"strength {synthesis.strength})")
     images = synthesise_from_labels(pipe, tiles, seed=args.seed, settings=synthesis)
@@ -247,8 +267,8 @@ def _run_downstream(args: argparse.Namespace) -> int:
     log = _log(args)
     log(f"downstream: {len(arms)} arm(s) x {len(job.seeds)} seed(s); {len(train_names)} training tiles, "
         f"{len(test_names)} test tiles")
-    train = [folder.read(n) for n in train_names]
-    test = [test_folder.read(n) for n in test_names]
+    train = _read(folder, train_names, s["tile_size"])
+    test = _read(test_folder, test_names, s["tile_size"])
     run_downstream(job, train, test, out, device=args.device, pipe_factory=_pipe_factory(args), log=log,
                    progress=not args.no_progress)
     print((out / "results.md").read_text(), end="")
