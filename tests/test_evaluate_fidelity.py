@@ -55,3 +55,15 @@ def test_images_of_other_maps_score_lower(tiles, monkeypatch):
     assert report["synthetic"]["pq"] < 0.2 and report["synthetic"]["f1_detection"] < 0.5
     assert report["ratio"]["pq"] < 0.2
     assert "synthetic" in fidelity_markdown(report)
+
+
+def test_cli_needs_weights_and_a_real_inception_file(consep_dir, tmp_path, capsys):
+    from diffaug.cli import main
+
+    base = ["evaluate", "fidelity", "--smoke", "--data", str(consep_dir), "--out", str(tmp_path / "o"),
+            "--no-progress"]
+    assert main(base) == 2
+    assert "pass --weights" in capsys.readouterr().err
+    assert main([*base, "--weights", "unused", "--inception", str(tmp_path / "inception-2015-12-05.pt")]) == 2
+    assert "Inception weights file not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
