@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("diffaug.commands.convert", "convert an original SDM/DiffMix checkpoint to diffaug's format"),
     "train": ("diffaug.commands.train", "train a semantic diffusion model on a tile folder"),
     "generate": ("diffaug.commands.generate", "generate a balanced or enlarged synthetic dataset on disk (resumable)"),
+    "evaluate": ("diffaug.commands.evaluate", "label fidelity and downstream evaluation (DiffMix vs GradMix vs real)"),
     "download": ("diffaug.commands.download", "fetch a pretrained checkpoint into the Hugging Face cache (for offline use)"),
     "env": ("diffaug.commands.env", "print versions and devices, for bug reports"),
 }

@@ -7,7 +7,7 @@ torch:
 - :class:`DiffMixd` (:mod:`diffaug.transforms.monai`): a MONAI ``MapTransform`` + ``RandomizableTransform``;
 - :class:`SynthesisPool`, :class:`PoolFiller` (:mod:`diffaug.transforms.pool`) and :class:`DiffMixSynthesizer`:
   the bounded pool of pre-rendered pairs shared by DataLoader workers, and its generator;
-- :class:`GradMixTransform` (:mod:`diffaug.transforms.gradmix`), when present.
+- :class:`GradMixTransform` (:mod:`diffaug.transforms.gradmix`), the copy-paste baseline.
 """
 
 from __future__ import annotations
