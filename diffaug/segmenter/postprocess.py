@@ -61,15 +61,18 @@ def _remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     return out
 
 
-def instances_from_hv(np_prob: np.ndarray, hv: np.ndarray, *, threshold: float = 0.5, marker_threshold: float = 0.3,
-                      sigma: float = 1.0, min_size: int = 10, min_marker_size: int = 5) -> np.ndarray:
+def instances_from_hv(np_prob: np.ndarray, hv: np.ndarray, *, threshold: float = 0.5, marker_threshold: float = 0.15,
+                      sigma: float = 0.5, min_size: int = 10, min_marker_size: int = 5) -> np.ndarray:
     """Instance map (int32, ids 1..N) from the NP probability (H, W) and the HV maps (2, H, W). See the module doc.
 
     Args:
         np_prob: nucleus probability in [0, 1].
         hv: predicted horizontal and vertical maps (values nominally in [-1, 1]).
         threshold: foreground threshold on ``np_prob``.
-        marker_threshold: energy (HV decrease per pixel) below which a foreground pixel is a nucleus core.
+        marker_threshold: energy (HV decrease per pixel) below which a foreground pixel is a nucleus core. Where two
+            round nuclei touch off their centre rows, the maps drop by well under 2 (about 1 is common), and a wide
+            Gaussian spreads that drop thinly: 0.15 at ``sigma`` 0.5 keeps those drops as boundaries. On the true HV
+            maps of every 6th CoNSeP training tile this gives PQ >= 0.93 (mean 0.985); 0.3 at sigma 1 gave min 0.63.
         sigma: scale of the Gaussian derivative in pixels.
         min_size: smallest instance kept, in pixels.
         min_marker_size: smallest marker kept, in pixels.
