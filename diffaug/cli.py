@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -52,11 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffaug`` console script. Returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # First pass finds the subcommand; its module then adds its own arguments.
-    args, _ = parser.parse_known_args(argv)
+    # First pass finds the subcommand; its module then adds its own arguments. Help is held back from the first pass,
+    # or `diffaug labels --help` would print before the subcommand's arguments exist.
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    args, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
     if args.command is None:
         parser.print_help()
-        return 0 if not argv else 2
+        return 0 if not argv or wants_help else 2
     module = importlib.import_module(args._module)
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
     module.add_arguments(sub_parser)

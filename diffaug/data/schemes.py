@@ -16,7 +16,11 @@ import numpy as np
 
 from diffaug.errors import InvalidInputError
 
-__all__ = ["ClassScheme", "ClassMerge", "SCHEMES", "MERGES", "get_scheme", "get_merge", "apply_merge"]
+__all__ = ["ClassScheme", "ClassMerge", "SCHEMES", "MERGES", "INSTANCE_ONLY", "get_scheme", "get_merge", "apply_merge",
+           "resolve_classes"]
+
+#: Prefix of the names of schemes defined by a folder's own ``classes.json`` rather than by diffaug.
+CUSTOM_PREFIX = "custom:"
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class ClassScheme:
 
     @property
     def has_classes(self) -> bool:
+        """False for instance-only data (no type map)."""
         return len(self.names) > 0
 
     def to_json(self) -> dict:
@@ -80,8 +85,11 @@ SCHEMES: dict[str, ClassScheme] = {
         ClassScheme("consep", {1: "other", 2: "inflammatory", 3: "healthy epithelial",
                                4: "dysplastic/malignant epithelial", 5: "fibroblast", 6: "muscle", 7: "endothelial"}),
         ClassScheme("consep-hovernet", {1: "other", 2: "inflammatory", 3: "epithelial", 4: "spindle-shaped"}),
-        ClassScheme("glysac", {1: "other", 2: "other-2", 3: "epithelial", 4: "lymphocyte", 5: "lymphocyte-2",
-                               6: "lymphocyte-3", 7: "lymphocyte-4", 8: "epithelial-2", 9: "other-3", 10: "other-4"}),
+        # GLySAC's raw classes are known here only through the merge (SPEC §1), so each is named after the class it
+        # merges into, with its raw id: {1,2,9,10} other, {4,5,6,7} lymphocyte, {3,8} epithelial.
+        ClassScheme("glysac", {k: f"{merged} (raw {k})" for merged, ks in
+                               (("other", (1, 2, 9, 10)), ("lymphocyte", (4, 5, 6, 7)), ("epithelial", (3, 8)))
+                               for k in ks}),
         ClassScheme("glysac-3", {1: "other", 2: "lymphocyte", 3: "epithelial"}),
         ClassScheme("lizard", {1: "neutrophil", 2: "epithelial", 3: "lymphocyte", 4: "plasma", 5: "eosinophil",
                                6: "connective"}),
@@ -97,6 +105,7 @@ MERGES: dict[str, ClassMerge] = {
 
 
 def get_scheme(name: str) -> ClassScheme:
+    """The known scheme called ``name``; an unknown name raises :class:`InvalidInputError` listing the known ones."""
     try:
         return SCHEMES[name]
     except KeyError:
@@ -104,6 +113,7 @@ def get_scheme(name: str) -> ClassScheme:
 
 
 def get_merge(source: str) -> ClassMerge:
+    """The known merge whose source scheme is ``source`` (``"consep"`` -> ``"consep-hovernet"``, say)."""
     try:
         return MERGES[source]
     except KeyError:
@@ -127,3 +137,36 @@ def apply_merge(values: np.ndarray, merge: ClassMerge, *, what: str = "type map"
         raise InvalidInputError(f"{what} has classes {bad} that the {merge.source!r} -> {merge.target.name!r} merge "
                                 f"does not know (known: {sorted(merge.mapping)})")
     return out.astype(np.int32)
+
+
+def resolve_classes(raw: ClassScheme, merge: ClassMerge | None, classes: str, *,
+                    where: str) -> tuple[ClassScheme, ClassMerge | None]:
+    """Choose the scheme data in ``raw`` classes is loaded in, and the merge (if any) that gets it there.
+
+    Args:
+        raw: the scheme the stored maps are in.
+        merge: the merge applied by default (a folder's ``hovernet_merge`` block, or the standard merge of a raw
+            format such as CoNSeP's ``.mat``); None when the data loads raw by default.
+        classes: ``"default"`` (apply ``merge`` when there is one), ``"raw"`` (never merge), or a scheme name: the
+            raw scheme's own, ``merge``'s target, or the target of the known merge from ``raw`` (see
+            :data:`MERGES`), which is then applied once.
+        where: the file or folder named in errors.
+
+    Returns:
+        The scheme of the loaded maps and the merge to apply (None: load as stored).
+    """
+    if classes == "raw" or (classes == "default" and merge is None):
+        return raw, None
+    if classes == "default":
+        return merge.target, merge  # type: ignore[union-attr]
+    if classes == raw.name:
+        return raw, None
+    if merge is not None and classes == merge.target.name:
+        return merge.target, merge
+    known = MERGES.get(raw.name)
+    if known is not None and classes == known.target.name:
+        return known.target, known
+    options = ["default", "raw", raw.name] + ([merge.target.name] if merge is not None else []) + \
+        ([known.target.name] if known is not None else [])
+    raise InvalidInputError(f"{where}: cannot load classes {classes!r}: the data is in scheme {raw.name!r}; "
+                            f"choose classes from {sorted(set(options))}")
