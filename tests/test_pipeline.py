@@ -274,6 +274,7 @@ def _bad_inputs(c: dict[str, np.ndarray]) -> list[tuple[str, dict[str, Any], str
         ("missing image", dict(image=None), "image is required when strength < 1"),
         ("odd size", dict(image=img[:15], inst_map=inst[:15], type_map=typ[:15]), "cannot take 15×16"),
         ("noise shape", dict(noise=torch.zeros(1, 3, 8, 8)), r"noise must have shape \(B, 3, H, W\)"),
+        ("noise dtype", dict(noise=torch.zeros(1, 3, S, S, dtype=torch.float64)), "float32 torch tensor"),
         ("batch mismatch", dict(type_map=[typ, typ]), "type_map has 2 samples but inst_map has 1"),
         ("guidance nan", dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
         ("negative eta", dict(eta=-1.0), "eta must be"),
@@ -282,7 +283,7 @@ def _bad_inputs(c: dict[str, np.ndarray]) -> list[tuple[str, dict[str, Any], str
     ]
 
 
-@pytest.mark.parametrize("index", range(16))
+@pytest.mark.parametrize("index", range(17))
 def test_bad_input_is_rejected_before_any_work(
     pipe: SemanticSynthesisPipeline, cases: list[dict[str, Any]], index: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:

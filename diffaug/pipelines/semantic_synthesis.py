@@ -169,7 +169,7 @@ class SemanticSynthesisPipeline:
         One-hot classes (background is channel 0) followed by the instance edge map when the model was trained with
         it, as :func:`diffaug.labels.sdm_condition` builds it.
         """
-        from diffaug.labels.condition import sdm_condition  # DEV: public name once labels lands
+        from diffaug.labels import sdm_condition
 
         y = sdm_condition(None if type_map is None else np.stack(type_map), np.stack(inst_map), self.num_classes)
         if not self.model.config.instance_edges:
@@ -251,8 +251,9 @@ class SemanticSynthesisPipeline:
                     )
         if noise is not None:
             expected = (batch, IMAGE_CHANNELS, *size)
-            if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
-                raise InvalidInputError(f"noise must be a float32 torch tensor of shape {expected}, got {type(noise).__name__}")
+            if not isinstance(noise, torch.Tensor) or noise.dtype != torch.float32:
+                got = f"a {noise.dtype} tensor" if isinstance(noise, torch.Tensor) else type(noise).__name__
+                raise InvalidInputError(f"noise must be a float32 torch tensor of shape {expected}, got {got}")
             if tuple(noise.shape) != expected:
                 raise InvalidInputError(f"noise must have shape (B, 3, H, W) = {expected}, got {tuple(noise.shape)}")
         return images, inst, types, start
@@ -364,7 +365,7 @@ class SemanticSynthesisPipeline:
             noise = torch.randn(
                 (batch, IMAGE_CHANNELS, *size), generator=generator, device=generator.device, dtype=torch.float32
             )
-        noise = noise.to(device=device, dtype=torch.float32)
+        noise = noise.to(device)
 
         # x at the start step: pure noise, or the real image noised to respaced index `start` (DDPM eq. 4)
         t_start = torch.full((batch,), start, dtype=torch.int64, device=device)
