@@ -273,11 +273,22 @@ def _run_until(command: list[str], cwd: Path, ready, timeout: float = 300) -> bo
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 def test_sigkill_then_rerun_gives_the_bytes_of_an_uninterrupted_run(reference_run, tmp_path: Path):
-    """Killed mid-job, then again while finishing: the rerun's files equal the uninterrupted run's, byte for byte."""
+    """Killed mid-job, then again while finishing: the rerun's files equal the uninterrupted run's, byte for byte.
+
+    "The same command" is compared with itself, each in a fresh process: the in-process reference run shares this
+    test process with every earlier test, and that is enough to move a float rounding (seen: 1 grey level on 0.01 %
+    of one image's values after the data tests ran), so it is held to the rounding bound only.
+    """
     opts, _ = reference_run
     out = tmp_path / "killed"
     command = cli_command(opts)
     command[command.index("--out") + 1] = str(out)
+    whole = tmp_path / "uninterrupted"
+    uninterrupted = list(command)
+    uninterrupted[command.index("--out") + 1] = str(whole)
+    run = subprocess.run(uninterrupted, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
     layout = Layout(out)
 
     def records() -> int:
@@ -290,8 +301,10 @@ def test_sigkill_then_rerun_gives_the_bytes_of_an_uninterrupted_run(reference_ru
     rerun = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path, capture_output=True,
                            text=True)
     assert rerun.returncode == 0, rerun.stderr
-    resumed, reference = tree_bytes(out), tree_bytes(opts.out)
+    resumed, reference = tree_bytes(out), tree_bytes(whole)
     assert resumed.keys() == reference.keys()  # no partial (.tmp), lock or extra files
     assert [k for k in reference if resumed[k] != reference[k]] == []
+    assert tree_bytes(opts.out).keys() == reference.keys()
+    assert_images_close(opts.out, out)
     names = [json.loads(line)["name"] for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(names) == len(set(names)) == opts.limit
