@@ -4,6 +4,7 @@
 ``config.json`` + ``model.safetensors``:
 
 - an existing **folder** is used as it is;
+- ``"builtin"`` is the small default checkpoint that ships inside the package (:func:`builtin_weights`);
 - a **registered name** (:data:`REGISTRY`, e.g. ``"diffmix-consep"``) names an original-format checkpoint on the
   Hub: it is downloaded into the Hugging Face cache, converted once with
   :func:`~diffaug.models.convert.convert_sdm_checkpoint`, and the converted folder is cached under
@@ -31,7 +32,7 @@ from typing import Any, Literal
 from diffaug.errors import WeightsError
 
 __all__ = ["PublishedWeights", "ResolvedWeights", "REGISTRY", "resolve_pretrained", "resolve_pretrained_info",
-           "diffaug_cache_dir", "hub_download"]
+           "diffaug_cache_dir", "hub_download", "BUILTIN", "builtin_weights"]
 
 _MODEL_FILES = ("config.json", "model.safetensors")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -100,7 +101,8 @@ class ResolvedWeights:
 
     Attributes:
         path: Folder holding ``config.json`` + ``model.safetensors``.
-        kind: ``"folder"``, ``"hub"`` (a repo in diffaug's format) or ``"registry"`` (converted original).
+        kind: ``"folder"``, ``"builtin"`` (the shipped default), ``"hub"`` (a repo in diffaug's format) or
+            ``"registry"`` (converted original).
         repo_id: Hub repository, if any.
         revision: Revision asked for, if any.
         commit_sha: Commit the revision resolved to in the cache, if known: record it to reproduce a run.
@@ -108,11 +110,53 @@ class ResolvedWeights:
     """
 
     path: Path
-    kind: Literal["folder", "hub", "registry"]
+    kind: Literal["folder", "builtin", "hub", "registry"]
     repo_id: str | None = None
     revision: str | None = None
     commit_sha: str | None = None
     name: str | None = None
+
+
+#: The ``--weights`` value naming the built-in checkpoint.
+BUILTIN = "builtin"
+
+
+def _builtin_candidates() -> list[Path]:
+    """Where the built-in checkpoint may be, in order: the installed package, then the source checkout."""
+    import importlib.resources
+
+    candidates: list[Path] = []
+    try:
+        candidates.append(Path(str(importlib.resources.files("diffaug.checkpoints"))) / "builtin")
+    except ModuleNotFoundError:  # a source checkout that is not installed has no diffaug.checkpoints package
+        pass
+    package = Path(__file__).resolve().parent  # .../diffaug
+    candidates += [package / "checkpoints" / "builtin", package.parent / "checkpoints" / "builtin"]
+    return list(dict.fromkeys(candidates))
+
+
+def builtin_weights() -> Path:
+    """The folder of the built-in checkpoint (``config.json`` + ``model.safetensors`` + ``MODEL_CARD.md``).
+
+    Looks in the installed package (``diffaug/checkpoints/builtin``) first, then in the top-level ``checkpoints/``
+    of a source checkout.
+
+    Raises:
+        WeightsError: the checkpoint is in none of those places (a broken install, or a checkout without it).
+
+    Example:
+        >>> from diffaug.hub import builtin_weights
+        >>> builtin_weights()  # doctest: +SKIP
+        PosixPath('.../site-packages/diffaug/checkpoints/builtin')
+    """
+    searched = _builtin_candidates()
+    for folder in searched:
+        if all((folder / name).is_file() for name in _MODEL_FILES):
+            return folder
+    where = "; ".join(str(p) for p in searched)
+    raise WeightsError(f"the built-in checkpoint was not found (looked for {' + '.join(_MODEL_FILES)} in: {where}). "
+                       "Reinstall diffaug (`pip install diffaug`, or `pip install .` in a checkout), or pass "
+                       "--weights PATH (a model folder) or --weights ORG/NAME (a Hub repo in diffaug's format)")
 
 
 def diffaug_cache_dir() -> Path:
@@ -254,6 +298,10 @@ def resolve_pretrained_info(path_or_repo_id: str | os.PathLike[str], revision: s
     if local.exists():
         raise WeightsError(f"{local} is a file; give the folder that holds {' and '.join(_MODEL_FILES)} (convert an "
                            f"original checkpoint with `diffaug convert --from-sdm`)")
+    if not is_path and text == BUILTIN:
+        if revision is not None:
+            raise WeightsError(f"the built-in checkpoint ships with diffaug; revision={revision!r} does not apply")
+        return ResolvedWeights(path=builtin_weights(), kind="builtin")
     if not is_path and text in REGISTRY:
         return _resolve_registered(text, REGISTRY[text], revision, cache_dir)
     if not is_path and _REPO_ID.fullmatch(text):

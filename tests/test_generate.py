@@ -227,9 +227,9 @@ def test_cli_runs_with_default_data_and_prints_where_outputs_are(fixture_model: 
     """`diffaug generate --out DIR` defaults to the shipped sample tiles and the built-in weights."""
     from diffaug.assets import sample_tiles_dir
     from diffaug.cli import main
-    from diffaug.generate import weights as weights_module
+    from diffaug import hub as hub_module
 
-    monkeypatch.setattr(weights_module, "_builtin_candidates", lambda: [tmp_path / "missing", fixture_model])
+    monkeypatch.setattr(hub_module, "_builtin_candidates", lambda: [tmp_path / "missing", fixture_model])
     out = tmp_path / "demo"
     code = main(["generate", "--out", str(out), "--limit", "2", "--num-inference-steps", "2", "--device", "cpu"])
     printed = capsys.readouterr().out

@@ -11,7 +11,7 @@ import pytest
 
 from diffaug.errors import ConfigError, DataFormatError, InvalidInputError, MissingExtraError, WeightsError
 from diffaug.generate import GenerateOptions, builtin_weights, generate
-from diffaug.generate import weights as weights_module
+from diffaug import hub as hub_module
 from test_generate import FAST, TILES, fixture_model, small_data  # noqa: F401  (fixtures)
 
 
@@ -75,7 +75,7 @@ def test_unknown_weights(tmp_path: Path, small_data: Path):
 
 def test_builtin_weights_found_in_order_or_a_clear_error(tmp_path: Path, fixture_model: Path, monkeypatch):
     installed, checkout = tmp_path / "installed", tmp_path / "checkout"
-    monkeypatch.setattr(weights_module, "_builtin_candidates", lambda: [installed, checkout])
+    monkeypatch.setattr(hub_module, "_builtin_candidates", lambda: [installed, checkout])
     with pytest.raises(WeightsError, match=r"built-in checkpoint was not found .*installed.*checkout.*--weights"):
         builtin_weights()
     shutil.copytree(fixture_model, checkout)
@@ -88,7 +88,7 @@ def test_builtin_candidates_look_in_the_package_then_the_checkout():
     import diffaug
 
     package = Path(diffaug.__file__).resolve().parent
-    candidates = weights_module._builtin_candidates()
+    candidates = hub_module._builtin_candidates()
     assert candidates[-1] == package.parent / "checkpoints" / "builtin"
     assert package / "checkpoints" / "builtin" in candidates
 

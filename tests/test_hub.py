@@ -156,3 +156,15 @@ def test_offline_environment_variables_in_a_fresh_process(hub_cache: Path, tiny_
     lines = result.stdout.splitlines()
     assert int(lines[0]) == SemanticUNet.from_pretrained(tiny_folder).num_parameters()
     assert lines[1].startswith("WeightsError") and "HF_HUB_OFFLINE=1" in lines[1]
+
+
+def test_builtin_name_resolves_to_the_shipped_checkpoint(tmp_path: Path, tiny_folder: Path, monkeypatch) -> None:
+    """``model="builtin"`` (transforms, pipelines) finds the same folder as ``diffaug generate --weights builtin``."""
+    monkeypatch.setattr(hub, "_builtin_candidates", lambda: [tmp_path / "missing", tiny_folder])
+    info = hub.resolve_pretrained_info("builtin")
+    assert info.path == tiny_folder and info.kind == "builtin" and info.commit_sha is None
+    with pytest.raises(WeightsError, match="revision"):
+        hub.resolve_pretrained("builtin", revision="main")
+    monkeypatch.setattr(hub, "_builtin_candidates", lambda: [tmp_path / "missing"])
+    with pytest.raises(WeightsError, match="built-in checkpoint was not found"):
+        hub.resolve_pretrained("builtin")

@@ -1,9 +1,7 @@
 """Which weights a generation job uses: ``builtin``, a model folder, a registered name or a Hub repo id.
 
-The built-in checkpoint is the small SDM the project trains itself (see its ``MODEL_CARD.md``). It lives in the
-repository's top-level ``checkpoints/builtin/`` and is installed into the package as ``diffaug/checkpoints/builtin``
-(setup.py maps the folder onto the package ``diffaug.checkpoints``), so :func:`builtin_weights` looks in the installed
-package first and then, for a source checkout run without installing, beside the ``diffaug`` folder.
+The built-in checkpoint is the small SDM the project trains itself (see its ``MODEL_CARD.md``); where it is found is
+:func:`diffaug.hub.builtin_weights` (re-exported here).
 """
 
 from __future__ import annotations
@@ -16,50 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from diffaug.errors import WeightsError
-
 __all__ = ["BUILTIN", "WeightsInfo", "builtin_weights", "resolve_weights", "sha256_file"]
 
-#: The ``--weights`` value naming the built-in checkpoint.
-BUILTIN = "builtin"
+from diffaug.hub import BUILTIN, builtin_weights
+
 _MODEL_FILES = ("config.json", "model.safetensors")
-
-
-def _builtin_candidates() -> list[Path]:
-    """Where the built-in checkpoint may be, in order: the installed package, then the source checkout."""
-    import importlib.resources
-
-    candidates: list[Path] = []
-    try:
-        candidates.append(Path(str(importlib.resources.files("diffaug.checkpoints"))) / "builtin")
-    except ModuleNotFoundError:  # a source checkout that is not installed has no diffaug.checkpoints package
-        pass
-    package = Path(__file__).resolve().parents[1]  # .../diffaug
-    candidates += [package / "checkpoints" / "builtin", package.parent / "checkpoints" / "builtin"]
-    return list(dict.fromkeys(candidates))
-
-
-def builtin_weights() -> Path:
-    """The folder of the built-in checkpoint (``config.json`` + ``model.safetensors`` + ``MODEL_CARD.md``).
-
-    Looks in the installed package (``diffaug/checkpoints/builtin``) first, then in the top-level ``checkpoints/``
-    of a source checkout.
-
-    Raises:
-        WeightsError: the checkpoint is in none of those places (a broken install, or a checkout without it).
-
-    Example:
-        >>> from diffaug.generate import builtin_weights
-        >>> builtin_weights()  # doctest: +SKIP
-        PosixPath('.../site-packages/diffaug/checkpoints/builtin')
-    """
-    searched = _builtin_candidates()
-    for folder in searched:
-        if all((folder / name).is_file() for name in _MODEL_FILES):
-            return folder
-    where = "; ".join(str(p) for p in searched)
-    raise WeightsError(f"the built-in checkpoint was not found (looked for {' + '.join(_MODEL_FILES)} in: {where}). "
-                       "Reinstall diffaug (`pip install diffaug`, or `pip install .` in a checkout), or pass "
-                       "--weights PATH (a model folder) or --weights ORG/NAME (a Hub repo in diffaug's format)")
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
