@@ -12,6 +12,7 @@ from diffaug.errors import InvalidInputError
 from diffaug.labels import (
     DonorBank,
     balance_label_map,
+    default_border_margin,
     instance_centroids,
     instance_piece_counts,
     rare_classes_of,
@@ -62,7 +63,7 @@ def test_border_margin_and_size_ratio():
     _blob(inst, typ, 2, 3, slice(27, 34), slice(66, 73))   # centroid y = 30: eligible
     _blob(inst, typ, 3, 4, slice(60, 64), slice(60, 64))   # 16 px, dilated 8x8 = 64 px: the donor is too big
     _blob(inst, typ, 4, 1, slice(80, 85), slice(10, 16))   # donor, 30 px: 69 <= 121 (major 2) but > 64 (3)
-    edit = balance_label_map(inst, typ, rng=np.random.default_rng(0), rare_classes=[1], ratio=1.0)
+    edit = balance_label_map(inst, typ, rng=np.random.default_rng(0), rare_classes=[1], ratio=1.0, border_margin=30)
     assert edit.record["n_eligible"] == 2 and edit.record["n_picked"] == 2
     assert [r["id"] for r in edit.record["replaced"]] == [2]
     assert edit.record["skipped"] == [{"id": 3, "source_id": 3, "from_class": 4,
@@ -70,6 +71,19 @@ def test_border_margin_and_size_ratio():
     assert edit.inst_type.tolist() == [3, 1, 4, 1]
     assert balance_label_map(inst, typ, rng=np.random.default_rng(0), rare_classes=[1], ratio=1.0,
                              border_margin=29).record["n_eligible"] == 3
+
+
+def test_default_border_margin_scales_below_256_px():
+    # DiffMix's 30 px would leave nothing eligible on a small model window: the default scales it by min(H, W) / 256.
+    inst, typ = _canvas(100)
+    _blob(inst, typ, 1, 3, slice(10, 17), slice(46, 53))   # centroid y = 13: >= 100 * 30 / 256 = 11.7, eligible
+    _blob(inst, typ, 2, 3, slice(8, 15), slice(66, 73))    # centroid y = 11: kept
+    _blob(inst, typ, 3, 1, slice(80, 84), slice(10, 14))   # donor
+    edit = balance_label_map(inst, typ, rng=np.random.default_rng(0), rare_classes=[1], ratio=1.0)
+    assert edit.record["params"]["border_margin"] == pytest.approx(30 * 100 / 256)
+    assert edit.record["n_eligible"] == 1 and [r["id"] for r in edit.record["replaced"]] == [1]
+    big = np.zeros((300, 1000), np.int32)
+    assert default_border_margin(big.shape) == 30.0 and default_border_margin((64, 64)) == 7.5
 
 
 def test_a_paste_never_covers_another_nucleus():

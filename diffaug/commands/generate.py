@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     balance.add_argument("--rare-classes", type=_int_list, help="comma-separated minor classes (default: the rarest)")
     balance.add_argument("--target-distribution", type=_shares, metavar="K=SHARE,...",
                          help="class shares to reach instead of --ratio")
-    balance.add_argument("--border-margin", type=float, help="majors this close to the window border are kept (30 px)")
+    balance.add_argument("--border-margin", type=float, help="majors this close to the window border are kept (default: 30 px, scaled down on windows under 256 px)")
     balance.add_argument("--size-ratio", type=float, help="dilated major area / donor area, at least (2.3)")
     balance.add_argument("--donor-source", choices=["same-tile-first", "same-tile", "dataset"],
                          help="where donors come from (same-tile-first)")

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="class shares to reach instead of --ratio, e.g. 1=0.25,2=0.25,3=0.25,4=0.25")
     balance.add_argument("--dilation", type=int, dest="dilation_iterations", help="dilations of a major (2)")
     balance.add_argument("--size-ratio", type=float, help="dilated major area / donor area, at least (2.3)")
-    balance.add_argument("--border-margin", type=float, help="majors this close to the border are kept (30 px)")
+    balance.add_argument("--border-margin", type=float, help="majors this close to the border are kept (default: 30 px, scaled down on tiles under 256 px)")
     balance.add_argument("--donor-source", choices=["same-tile-first", "same-tile", "dataset"],
                          help="where donors come from (same-tile-first)")
     balance.add_argument("--max-donor-tries", type=int, help="donors tried per major before skipping it (20)")

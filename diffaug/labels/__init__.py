@@ -7,7 +7,7 @@
 * :func:`hv_maps`: HoVer-Net's horizontal/vertical targets.
 """
 
-from diffaug.labels.balance import DonorBank, balance_label_map, rare_classes_of
+from diffaug.labels.balance import DonorBank, balance_label_map, default_border_margin, rare_classes_of
 from diffaug.labels.condition import instance_edges, sdm_condition
 from diffaug.labels.edit import LabelEdit
 from diffaug.labels.enlarge import enlarge_label_map
@@ -22,6 +22,6 @@ from diffaug.labels.instances import (
 )
 from diffaug.labels.validate import label_map_problems, validate_label_map
 
-__all__ = ["DonorBank", "LabelEdit", "balance_label_map", "enlarge_label_map", "hv_maps", "instance_areas",
+__all__ = ["DonorBank", "LabelEdit", "balance_label_map", "default_border_margin", "enlarge_label_map", "hv_maps", "instance_areas",
            "instance_centroids", "instance_edges", "instance_ids", "instance_piece_counts", "instance_types",
            "label_map_problems", "rare_classes_of", "relabel_sequential", "sdm_condition", "validate_label_map"]

@@ -5,7 +5,10 @@ replaced by the shapes of nuclei of the rare ("minor") classes; the model then r
 map, so only labels are edited here (GradMix's colour blending is not needed). For one target tile:
 
 1. The minor classes are the rare classes (:func:`rare_classes_of` by default); every other class is major.
-2. Major nuclei whose centroid lies within ``border_margin`` (30) px of the tile border are not eligible.
+2. Major nuclei whose centroid lies within ``border_margin`` px of the tile border are not eligible. DiffMix uses
+   30 px on its 256-px tiles; by default (``border_margin=None``) diffaug keeps 30 px on maps of 256 px and more and
+   scales it down in proportion on smaller ones (30 x min(H, W) / 256: 7.5 px on a 64-px model window), or the margin
+   alone would leave no nucleus eligible (:func:`default_border_margin`).
 3. ``ratio`` (80 %) of the eligible major nuclei are picked at random and processed smallest first.
 4. Each picked nucleus is dilated ``dilation_iterations`` (2) times with a 3x3 square.
 5. Its donor is the first unused minor nucleus, in donor order, whose area is at most
@@ -50,7 +53,7 @@ from diffaug.labels.validate import label_map_problems
 if TYPE_CHECKING:
     from diffaug.data.tiles import Tile, TileFolder
 
-__all__ = ["Donor", "DonorBank", "DonorSource", "balance_label_map", "check_balance_params", "extract_donors",
+__all__ = ["Donor", "DonorBank", "DonorSource", "balance_label_map", "check_balance_params", "default_border_margin", "extract_donors",
            "rare_classes_of"]
 
 DonorSource = Literal["same-tile-first", "same-tile", "dataset"]
@@ -284,9 +287,18 @@ def _check_target(target: Mapping[int, float], num_classes: int | None,
     return shares
 
 
+def default_border_margin(shape: tuple[int, ...]) -> float:
+    """DiffMix's 30-px border margin for a map of ``shape`` (H, W): 30 at 256 px and above, in proportion below.
+
+    >>> default_border_margin((256, 256)), default_border_margin((1000, 540)), default_border_margin((64, 64))
+    (30.0, 30.0, 7.5)
+    """
+    return 30.0 * min(1.0, min(shape[:2]) / 256.0)
+
+
 def check_balance_params(*, ratio: float = 0.8, rare_classes: Sequence[int] | None = None,
                          target_distribution: Mapping[int, float] | None = None, dilation_iterations: int = 2,
-                         size_ratio: float = 2.3, border_margin: float = 30,
+                         size_ratio: float = 2.3, border_margin: float | None = None,
                          donor_source: DonorSource = "same-tile-first", max_donor_tries: int = 20,
                          num_classes: int | None = None) -> None:
     """Check :func:`balance_label_map`'s parameters without maps, so a job can fail before it starts.
@@ -301,7 +313,7 @@ def check_balance_params(*, ratio: float = 0.8, rare_classes: Sequence[int] | No
         raise InvalidInputError(f"{where}: dilation_iterations must be an integer >= 0, got {dilation_iterations}")
     if not float(size_ratio) > 0:
         raise InvalidInputError(f"{where}: size_ratio must be > 0, got {size_ratio}")
-    if not float(border_margin) >= 0:
+    if border_margin is not None and not float(border_margin) >= 0:
         raise InvalidInputError(f"{where}: border_margin must be >= 0 pixels, got {border_margin}")
     if donor_source not in _DONOR_SOURCES:
         raise InvalidInputError(f"{where}: donor_source must be one of {', '.join(_DONOR_SOURCES)}; got "
@@ -357,7 +369,7 @@ def balance_label_map(inst_map: np.ndarray, type_map: np.ndarray | None, *, rng:
                       bank: DonorBank | None = None, tile_name: str | None = None,
                       rare_classes: Sequence[int] | None = None, ratio: float = 0.8,
                       target_distribution: Mapping[int, float] | None = None, dilation_iterations: int = 2,
-                      size_ratio: float = 2.3, border_margin: float = 30,
+                      size_ratio: float = 2.3, border_margin: float | None = None,
                       donor_source: DonorSource = "same-tile-first", max_donor_tries: int = 20) -> LabelEdit:
     """Replace major-class nuclei by rare-class donor shapes (see the module docstring for the procedure).
 
@@ -375,7 +387,8 @@ def balance_label_map(inst_map: np.ndarray, type_map: np.ndarray | None, *, rng:
             the bank for every class to raise (build it with ``donor_classes="all"``).
         dilation_iterations: dilations (3x3 square) of a major nucleus before its area is compared with donors'.
         size_ratio: a donor fits a major when (dilated major area) >= size_ratio x (donor area).
-        border_margin: majors whose centroid is closer than this many pixels to the tile border are kept.
+        border_margin: majors whose centroid is closer than this many pixels to the tile border are kept; default
+            :func:`default_border_margin` of the map's shape (DiffMix's 30 px at 256 px and above).
         donor_source: ``"same-tile-first"`` (the tile's minor nuclei, then the bank's), ``"same-tile"``, or
             ``"dataset"`` (the bank only, in one random order).
         max_donor_tries: donors (in order, among those small enough) tried per major before it is skipped because
@@ -421,6 +434,8 @@ def balance_label_map(inst_map: np.ndarray, type_map: np.ndarray | None, *, rng:
     areas = instance_areas(inst)
     centroids = instance_centroids(inst)
     height, width = inst.shape
+    if border_margin is None:
+        border_margin = default_border_margin(inst.shape)
     # Step 2: eligibility by the centroid's distance to the border (pixel-centre coordinates).
     distance = np.minimum.reduce([centroids[:, 0], centroids[:, 1], width - 1 - centroids[:, 0],
                                   height - 1 - centroids[:, 1]]) if inst_type.size else np.zeros(0)

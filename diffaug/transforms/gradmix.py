@@ -293,7 +293,8 @@ class GradMixTransform(DualTransform):
         ratio: share of the eligible major nuclei to convert (DiffMix/GradMix: 0.8).
         dilation_iterations: dilations of a major nucleus before donor size matching (2).
         size_ratio: a donor fits when dilated major area >= size_ratio x donor area (2.3).
-        border_margin: majors with a centroid closer than this to the border are kept (30 px).
+        border_margin: majors with a centroid closer than this to the border are kept (default: 30 px, scaled down
+            on inputs under 256 px; :func:`~diffaug.labels.default_border_margin`).
         donor_source: ``"same-tile-first"``, ``"same-tile"`` or ``"dataset"``.
         blend_margin: width in px of the ring in which erased and pasted nuclei are blended.
         inpaint_radius: Telea inpainting radius.
@@ -318,14 +319,14 @@ class GradMixTransform(DualTransform):
         ratio: float = Field(ge=0.0, le=1.0)
         dilation_iterations: int = Field(ge=0)
         size_ratio: float = Field(gt=0.0)
-        border_margin: float = Field(ge=0.0)
+        border_margin: float | None = Field(default=None, ge=0.0)
         donor_source: Literal["same-tile-first", "same-tile", "dataset"]
         blend_margin: int = Field(ge=0)
         inpaint_radius: int = Field(ge=1)
 
     def __init__(self, donors: str | os.PathLike[str] | None = None, rare_classes: Sequence[int] | None = None,
                  ratio: float = 0.8, dilation_iterations: int = 2, size_ratio: float = 2.3,
-                 border_margin: float = 30, donor_source: Literal["same-tile-first", "same-tile", "dataset"] =
+                 border_margin: float | None = None, donor_source: Literal["same-tile-first", "same-tile", "dataset"] =
                  "same-tile-first", blend_margin: int = 3, inpaint_radius: int = 3, p: float = 0.5) -> None:
         super().__init__(p=p)
         self.donors = None if donors is None else str(donors)
