@@ -4,6 +4,7 @@ checkpoints, the CLI's errors, and DDP with 2 CPU processes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_resume_is_bit_exact(consep_dir: Path, tmp_path: Path) -> None:
     dropout on, so every random stream (data order, crops, t, noise, drop mask, dropout) must be restored.
     """
     extra = ["train.max_steps=4", "finetune.max_steps=2", "finetune.drop_rate=0.5", "model.dropout=0.1",
-             "checkpoint.every=100", "train.warmup_steps=2"]
+             "checkpoint.every=100", "train.warmup_steps=2", "ema.warmup=true", "ema.decay=0.999"]
     straight = train(_small(consep_dir, tmp_path / "straight", *extra), progress=False)
     assert straight.finished and straight.step == 6
 
@@ -218,6 +219,23 @@ def test_ema_update_rule() -> None:
     assert not ema.shadow.weight.requires_grad
     with pytest.raises(ValueError, match="decay must lie in"):
         EMA(net, decay=1.0)
+
+
+def test_ema_warmup_forgets_the_initial_weights() -> None:
+    """With warm-up, the share of the initial weights left after n steps is prod_s (1+s)/(10+s) = 1 / C(n+9, 9)."""
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, decay=0.999, warmup=True)
+    assert [round(ema.decay_at(s), 4) for s in (0, 10, 90, 10_000)] == [0.1, 0.55, 0.91, 0.999]
+    with torch.no_grad():
+        net.weight.zero_()
+    start = ema.shadow.weight.detach().clone()
+    for step in range(200):
+        ema.update(net, step=step)
+    plain = EMA(torch.nn.Linear(3, 2), decay=0.999)
+    left = math.prod(ema.decay_at(s) for s in range(200))
+    assert left == pytest.approx(1 / math.comb(209, 9)) and left < 1e-10  # a fixed 0.999 leaves 0.999**200 = 82 %
+    assert torch.allclose(ema.shadow.weight, start * left, atol=1e-12)
+    assert plain.decay_at(5) == 0.999
 
 
 @pytest.fixture(scope="module")

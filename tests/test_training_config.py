@@ -47,9 +47,12 @@ def test_unknown_key_is_named_with_the_valid_ones(override: str, fragment: str) 
 
 def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
-    path.write_text("data:\n  root: /x\nema:\n  decay: 0.99\n  warmup: 10\n")
-    with pytest.raises(ConfigError, match=r"run\.yaml: unknown config key 'ema\.warmup'; valid keys in section 'ema'"
-                                          r": decay"):
+    path.write_text("data:\n  root: /x\nema:\n  decay: 0.99\n  warm_up: 10\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: unknown config key 'ema\.warm_up'; valid keys in section 'ema'"
+                                          r": decay, warmup"):
+        load_config(path)
+    path.write_text("data:\n  root: /x\nema:\n  warmup: 10\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: ema\.warmup must be true or false, got 10"):
         load_config(path)
 
 

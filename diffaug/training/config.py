@@ -124,9 +124,15 @@ class EMAConfig:
     """Exponential moving average of the weights: ``ema ← decay·ema + (1 − decay)·θ`` after every step.
 
     The reference code uses 0.9999 (its paper says 0.999). The EMA carries on from the first stage into the second.
+
+    ``warmup`` (off in the reference) uses ``min(decay, (1 + step) / (10 + step))`` at global step ``step``, so a short
+    run's EMA does not keep a large share of the random initial weights: with a fixed 0.999, 0.999^1800 = 16 % of
+    the initialisation is still in the average after 1800 steps (its samples are noise); with warm-up the average
+    covers roughly the last ``step / 10`` steps until ``decay`` takes over.
     """
 
     decay: float = 0.9999
+    warmup: bool = False
 
 
 @dataclass

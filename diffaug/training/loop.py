@@ -306,7 +306,7 @@ class _Trainer:
         with _seeded_global_rng(derive_seed(cfg.seed, _INIT), ctx.device):
             self.model = SemanticUNet(self.model_config)  # same initial weights on every rank
         self.model.to(ctx.device).train()
-        self.ema = EMA(self.model, cfg.ema.decay)
+        self.ema = EMA(self.model, cfg.ema.decay, warmup=cfg.ema.warmup)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=cfg.optim.betas,
                                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
         self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, _STEP, ctx.rank))
@@ -400,7 +400,7 @@ class _Trainer:
         if self.cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
-        self.ema.update(self.model)
+        self.ema.update(self.model, step=self.step)
         self.step += 1
         self.samples_seen += x_start.shape[0] * self.ctx.world_size
         return {"loss": loss.item(), "mse": losses["mse"].mean().item(), "vb": losses["vb"].mean().item(), "lr": lr,
