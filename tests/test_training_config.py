@@ -48,8 +48,8 @@ def test_unknown_key_is_named_with_the_valid_ones(override: str, fragment: str) 
 def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("data:\n  root: /x\nema:\n  decay: 0.99\n  warm_up: 10\n")
-    with pytest.raises(ConfigError, match=r"run\.yaml: unknown config key 'ema\.warm_up'; valid keys in section 'ema'"
-                                          r": decay, warmup"):
+    with pytest.raises(ConfigError, match=r"run\.yaml: unknown config key 'ema\.warm_up' \(did you mean ema\.warmup\?\); "
+                                          r"valid keys in section 'ema': decay, warmup"):
         load_config(path)
     path.write_text("data:\n  root: /x\nema:\n  warmup: 10\n")
     with pytest.raises(ConfigError, match=r"run\.yaml: ema\.warmup must be true or false, got 10"):
