@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
 import json
 
 import numpy as np
 import pytest
 
 from diffaug.cli import main
-
-_MISSING = [m for m in ("diffaug.models", "diffaug.pipelines") if importlib.util.find_spec(m) is None]
-needs_diffusion = pytest.mark.xfail(bool(_MISSING), strict=False,
-                                    reason=f"needs SemanticUNet and SemanticSynthesisPipeline; missing: {_MISSING}")
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +23,20 @@ def tiny_sdm(tmp_path_factory):
     return folder
 
 
-@needs_diffusion
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_diffmix_arms_smoke(consep_dir, tiny_sdm, tmp_path):
     out, again = tmp_path / "ds", tmp_path / "again"
     args = ["evaluate", "downstream", "--smoke", "--data", str(consep_dir), "--val-images", "2", "--seeds", "1",
-            "--arms", "real,diffmix-balance,diffmix-enlarge", "--weights", str(tiny_sdm), "--no-progress", "--out"]
+            "--arms", "real,diffmix-balance,diffmix-enlarge,diffmix-both", "--weights", str(tiny_sdm), "--no-progress", "--out"]
     assert main([*args, str(out)]) == 0
     report = json.loads((out / "results.json").read_text())
-    for arm in ("diffmix-balance", "diffmix-enlarge"):
+    info = report["job"]["weights_info"]  # the weights are pinned by content, and by commit when from the Hub
+    assert info["sha256"] == _sha256(tiny_sdm / "model.safetensors") and info["kind"] == "folder"
+    assert "commit_sha" in info and "path" not in info
+    for arm in ("diffmix-balance", "diffmix-enlarge", "diffmix-both"):
         assert report["arms"][arm]["n_synthetic"] == 2  # one rendered pair per real tile, changed or not
         names = sorted(p.stem for p in (out / "synthetic" / arm).glob("*.png"))
         assert names == sorted(f"{t}_{arm}" for t in report["job"]["train_tiles"])
@@ -45,13 +47,13 @@ def test_diffmix_arms_smoke(consep_dir, tiny_sdm, tmp_path):
         assert all(np.array_equal(a[k], b[k]) for k in a.files)
 
 
-@needs_diffusion
 def test_fidelity_smoke(consep_dir, tiny_sdm, tmp_path, capsys):
     out = tmp_path / "fid"
     assert main(["evaluate", "fidelity", "--smoke", "--data", str(consep_dir), "--val-images", "2",
                  "--weights", str(tiny_sdm), "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "fidelity.json").read_text())
     assert report["n_tiles"] == 2 and {"real", "synthetic", "ratio"} <= set(report)
+    assert report["weights_info"]["sha256"] == _sha256(tiny_sdm / "model.safetensors")
     assert (out / "segmenter" / "config.json").is_file() and len(list((out / "synthetic").glob("*.png"))) == 2
     assert "| synthetic (same label maps) |" in capsys.readouterr().out
     # A given segmenter is used as is, and every tile of --data is then evaluated unless --val-images is given.

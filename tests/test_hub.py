@@ -168,3 +168,18 @@ def test_builtin_name_resolves_to_the_shipped_checkpoint(tmp_path: Path, tiny_fo
     monkeypatch.setattr(hub, "_builtin_candidates", lambda: [tmp_path / "missing"])
     with pytest.raises(WeightsError, match="built-in checkpoint was not found"):
         hub.resolve_pretrained("builtin")
+
+
+def test_pipeline_reports_the_commit_it_loaded(offline: None, hub_cache: Path, tiny_folder: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records pin weights by the resolved Hub commit: the pipeline keeps where its weights came from."""
+    from huggingface_hub import constants
+
+    from diffaug.pipelines import SemanticSynthesisPipeline
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    pipe = SemanticSynthesisPipeline.from_pretrained("diffaug-test/tiny")
+    assert pipe.source == {"id": "diffaug-test/tiny", "kind": "hub", "repo_id": "diffaug-test/tiny",
+                           "revision": "main", "commit_sha": COMMIT}
+    local = SemanticSynthesisPipeline.from_pretrained(tiny_folder)
+    assert local.source["kind"] == "folder" and local.source["commit_sha"] is None

@@ -41,7 +41,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine decay)")
     g.add_argument("--channels", default="16,32,64,128", help="encoder widths per level, comma-separated")
     s = p.add_argument_group("synthesis")
-    s.add_argument("--weights", default=None, help="diffusion model: a converted model folder or Hub repo id")
+    s.add_argument("--weights", default=None, help="diffusion model: 'builtin', a model folder, a registered name "
+                   "(diffmix-consep, diffmix-glysac) or a Hub repo id ORG/NAME")
     s.add_argument("--revision", default=None, help="Hub revision of --weights (pin a commit sha)")
     s.add_argument("--num-inference-steps", type=int, default=100, help="DDIM steps N (DiffMix: 100)")
     s.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance w (DiffMix: 1.5)")
@@ -152,6 +153,14 @@ def _segmenter_config(folder: Any, channels: tuple[int, ...], provenance: dict[s
                            class_names=dict(scheme.names), scheme=scheme.name, provenance=provenance)
 
 
+def _weights_record(args: argparse.Namespace) -> dict:
+    """Resolve ``--weights`` now (a bad name fails before any training) and describe them: id, kind, Hub repo,
+    revision, the commit it resolved to, and the sha256 of the weights file (no local path)."""
+    from diffaug.generate.weights import resolve_weights
+
+    return resolve_weights(args.weights, revision=args.revision).record()
+
+
 def _pipe_factory(args: argparse.Namespace):
     def load():
         from diffaug.pipelines import SemanticSynthesisPipeline
@@ -196,6 +205,7 @@ def _run_fidelity(args: argparse.Namespace) -> int:
             k_mean, k_std = kid(real, fake, extractor, subset_size=min(1000, len(real)), num_subsets=100)
             return {"fid": fid(real, fake, extractor), "kid": k_mean, "kid_std": k_std}
 
+    weights = _weights_record(args)
     folder, train_names, _, test_names = _folders(args, None, allow_all=args.segmenter is not None)
     test_names = _pick(test_names, s["max_test_tiles"], args.seed)
     out = Path(args.out or "diffaug-evaluate-fidelity")
@@ -222,10 +232,11 @@ def _run_fidelity(args: argparse.Namespace) -> int:
     images = synthesise_from_labels(pipe, tiles, seed=args.seed, settings=synthesis)
     classes = list(folder.scheme.names) if folder.has_classes else None
     run_fidelity(segmenter, tiles, images, classes=classes, out_dir=out, quality=quality,
-                          extra={"data": str(folder.root), "weights": args.weights, "revision": args.revision,
-                                 "segmenter": args.segmenter or str(out / "segmenter"),
-                                 "synthesis": asdict(synthesis),
-                                 "class_names": {str(k): v for k, v in folder.scheme.names.items()}})
+                 extra={"data": str(folder.root), "weights": args.weights, "revision": args.revision,
+                        "weights_info": weights,
+                        "segmenter": args.segmenter or str(out / "segmenter"),
+                        "synthesis": asdict(synthesis),
+                        "class_names": {str(k): v for k, v in folder.scheme.names.items()}})
     print((out / "fidelity.md").read_text(), end="")
     print(f"wrote {out / 'fidelity.json'}, {out / 'fidelity.md'} and the synthetic images in {out / 'synthetic'}")
     return 0
@@ -262,7 +273,8 @@ def _run_downstream(args: argparse.Namespace) -> int:
         segmenter={"num_classes": config.num_classes, "channels": list(config.channels),
                    "class_names": {str(k): v for k, v in config.class_names.items()}, "scheme": config.scheme},
         training={k: v for k, v in asdict(training).items() if k != "seed"}, synthesis=asdict(synthesis),
-        synthesis_seed=args.seed, weights=args.weights if needs_weights else None, train_tiles=train_names,
+        synthesis_seed=args.seed, weights=args.weights if needs_weights else None,
+        weights_info=_weights_record(args) if needs_weights else None, train_tiles=train_names,
         test_tiles=test_names, classes=classes, class_names={str(k): v for k, v in folder.scheme.names.items()},
         data={"train": str(folder.root), "test": str(test_folder.root)})
     out = Path(args.out or "diffaug-evaluate-downstream")

@@ -84,6 +84,9 @@ class DownstreamJob:
     classes: list[int] | None
     class_names: dict[str, str] = field(default_factory=dict)
     data: dict[str, str] = field(default_factory=dict)
+    #: what ``weights`` resolved to (kind, Hub repo, revision, commit sha, sha256 of the file): other weights under
+    #: the same name make another job
+    weights_info: dict[str, Any] | None = None
 
     def fingerprint(self) -> str:
         text = json.dumps(asdict(self), sort_keys=True)

@@ -122,6 +122,10 @@ class SemanticSynthesisPipeline:
         if not isinstance(diffusion, GaussianDiffusion) or not diffusion.is_original:
             raise InvalidInputError("diffusion must be the model's unrespaced GaussianDiffusion (from its config)")
         self.model = model
+        #: Where the weights came from (set by :meth:`from_pretrained`): ``id``, ``kind``, ``repo_id``,
+        #: ``revision`` and the resolved Hub ``commit_sha``, for records that must pin the weights.
+        self.source: dict[str, str | None] = {"id": None, "kind": None, "repo_id": None, "revision": None,
+                                              "commit_sha": None}
         self.diffusion = diffusion
         self._channels_last = False
         self._respaced: dict[int, GaussianDiffusion] = {}
@@ -132,13 +136,20 @@ class SemanticSynthesisPipeline:
         """Load a model folder or Hugging Face Hub repo (``config.json`` + ``model.safetensors``) and its diffusion.
 
         Args:
-            path_or_repo_id: a local folder or a Hub repo id, as for ``SemanticUNet.from_pretrained``.
-            revision: Hub revision (branch, tag or commit sha); pin a sha for reproducible results.
+            path_or_repo_id: a local folder, ``"builtin"``, a registered name or a Hub repo id
+                (:func:`diffaug.hub.resolve_pretrained_info`).
+            revision: Hub revision (branch, tag or commit sha); pin a sha for reproducible results. The commit it
+                resolved to is in :attr:`source`.
         """
+        from diffaug.hub import resolve_pretrained_info
         from diffaug.models import SemanticUNet
 
-        model = SemanticUNet.from_pretrained(path_or_repo_id, revision=revision)
-        return cls(model, GaussianDiffusion.from_config(model.config.diffusion))
+        info = resolve_pretrained_info(path_or_repo_id, revision=revision)
+        model = SemanticUNet.from_pretrained(info.path)
+        pipe = cls(model, GaussianDiffusion.from_config(model.config.diffusion))
+        pipe.source = {"id": str(path_or_repo_id), "kind": info.kind, "repo_id": info.repo_id,
+                       "revision": info.revision, "commit_sha": info.commit_sha}
+        return pipe
 
     def to(self, device: torch.device | str | None = None, *, channels_last: bool | None = None) -> SemanticSynthesisPipeline:
         """Move the model to ``device`` and optionally switch to channels-last memory format (faster on CUDA).

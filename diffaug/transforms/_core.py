@@ -286,7 +286,8 @@ class DiffMixSettings:
                    generator=torch.Generator().manual_seed(seed), noise=noise)
         new_image = image.copy()
         new_image[win] = out.images[0]
-        record.update({"window": [y0, x0, size], "seed": seed, "model": str(self.model)})
+        record.update({"window": [y0, x0, size], "seed": seed, "model": str(self.model),
+                       "commit_sha": getattr(pipe, "source", {}).get("commit_sha")})
         return DiffMixResult(image=new_image, inst_map=new_inst, type_map=new_type, window=(y0, x0, size),
                              seed=seed, record=record)
 
