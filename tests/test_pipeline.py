@@ -90,6 +90,19 @@ def assert_parity(d: dict[str, Any], image: np.ndarray, rec: Recorder) -> None:
         assert t == int(d["record_t_orig"][j])
         np.testing.assert_allclose(x[0].numpy(), d["x_after"][j], rtol=0, atol=1e-3)
         np.testing.assert_allclose(pred[0].numpy(), d["pred_xstart"][j], rtol=0, atol=1e-3)
+    np.testing.assert_allclose(rec.final[0].numpy(), d["final"], rtol=0, atol=1e-3)  # float x before quantising
+
+
+def test_noised_start_matches_the_reference(pipe: SemanticSynthesisPipeline, cases: list[dict[str, Any]]) -> None:
+    """x_start = sqrt(a_t) x0 + sqrt(1 - a_t) noise at the respaced start index, for every partial-noise case."""
+    for d in cases:
+        if float(d["strength"]) >= 1.0:
+            continue
+        sampler = pipe._respace(int(d["num_inference_steps"]))
+        x0 = torch.from_numpy(d["image"].astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        t = torch.full((1,), int(d["t_start_respaced"]), dtype=torch.int64)
+        x_start = sampler.q_sample(x0, t, torch.from_numpy(d["noise"])[None])
+        np.testing.assert_allclose(x_start[0].numpy(), d["x_start"], rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------- parity
