@@ -10,6 +10,7 @@ standard merge at load.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -311,3 +312,11 @@ def test_sigkill_then_rerun_gives_the_bytes_of_an_uninterrupted_run(reference_ru
     assert_images_close(opts.out, out)
     names = [json.loads(line)["name"] for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(names) == len(set(names)) == opts.limit
+
+
+def test_progress_bar_counts_outputs_with_an_eta(small_data: Path, fixture_model: Path, tmp_path: Path, capsys):
+    """The bar runs over the whole job (resumed items counted as done) and shows elapsed<remaining time."""
+    generate(options(tmp_path / "out", small_data, fixture_model, limit=2, batch_size=1, progress=True))
+    err = capsys.readouterr().err
+    assert "generate" in err and "2/2" in err
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", err), err  # tqdm's [elapsed<ETA
