@@ -31,8 +31,8 @@ def test_ray_engine_equals_the_local_engine(local_ray, small_data: Path, fixture
     local = options(tmp_path / "local", small_data, fixture_model, policy="both", format="both", limit=5,
                     batch_size=2)
     generate(local)
-    on_ray = GenerateOptions(**{**local.__dict__, "out": tmp_path / "ray", "engine": "ray", "device": None,
-                                "workers": 2})
+    # Default actor count: one per CPU slot of the cluster (2 here), at most one per pending batch (3).
+    on_ray = GenerateOptions(**{**local.__dict__, "out": tmp_path / "ray", "engine": "ray", "device": None})
     result = generate(on_ray)
     assert result.generated == 5 and result.workers == 2
     a, b = tree_bytes(local.out), tree_bytes(on_ray.out)
@@ -43,3 +43,12 @@ def test_ray_engine_equals_the_local_engine(local_ray, small_data: Path, fixture
     assert_images_close(local.out, on_ray.out)
     records = [json.loads(line) for line in (on_ray.out / "manifest.jsonl").read_text().splitlines()]
     assert [r["index"] for r in records] == list(range(5))
+
+
+def test_address_with_ray_already_running_is_an_error(local_ray, small_data: Path, fixture_model: Path,
+                                                       tmp_path: Path):
+    from diffaug.errors import ConfigError
+
+    opts = options(tmp_path / "o", small_data, fixture_model, limit=1, engine="ray", ray_address="10.0.0.1:6379")
+    with pytest.raises(ConfigError, match="already initialised"):
+        generate(opts)

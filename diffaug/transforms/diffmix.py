@@ -92,7 +92,8 @@ class DiffMixTransform(DualTransform):
     real one with a semantic diffusion model (partial-noise DDIM). See the module docstring for the conventions.
 
     Args:
-        model: a converted model folder, a registered name (``"diffmix-consep"``, ``"diffmix-glysac"``; see
+        model: ``"builtin"`` (default: the small CoNSeP model that ships with diffaug, 64-px windows), a converted
+            model folder, a registered name (``"diffmix-consep"``, ``"diffmix-glysac"``; see
             ``diffaug.hub.REGISTRY``) or a Hub repo id in diffaug's format. Loaded on first use, once per process.
         policy: ``"balance"`` (swap common nuclei for rare-class shapes), ``"enlarge"`` (small random shifts) or
             ``"both"``.
@@ -135,8 +136,8 @@ class DiffMixTransform(DualTransform):
         pool_ratio: float
         p: float
 
-    def __init__(self, model: str, policy: Literal["balance", "enlarge", "both"] = "balance", strength: float = 0.55,
-                 num_inference_steps: int = 100, guidance_scale: float = 1.5, eta: float = 0.0,
+    def __init__(self, model: str = "builtin", policy: Literal["balance", "enlarge", "both"] = "balance",
+                 strength: float = 0.55, num_inference_steps: int = 100, guidance_scale: float = 1.5, eta: float = 0.0,
                  revision: str | None = None, device: str = "auto", donors: str | os.PathLike[str] | None = None,
                  rare_classes: Sequence[int] | None = None, balance_kwargs: Mapping[str, Any] | None = None,
                  enlarge_kwargs: Mapping[str, Any] | None = None, pool: Any = None, pool_ratio: float = 1.0,

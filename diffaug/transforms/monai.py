@@ -97,7 +97,8 @@ class DiffMixd(RandomizableTransform, MapTransform):
         allow_missing_keys: don't raise when the type-map key is missing (the sample is then instance-only).
     """
 
-    def __init__(self, keys: KeysCollection = ("image", "inst_map", "type_map"), *, model: str | os.PathLike[str],
+    def __init__(self, keys: KeysCollection = ("image", "inst_map", "type_map"), *,
+                 model: str | os.PathLike[str] = "builtin",
                  policy: str = "balance", strength: float = 0.55, num_inference_steps: int = 100,
                  guidance_scale: float = 1.5, eta: float = 0.0, revision: str | None = None, device: str = "auto",
                  donors: str | os.PathLike[str] | None = None, rare_classes: Sequence[int] | None = None,
