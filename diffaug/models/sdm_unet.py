@@ -114,6 +114,7 @@ class SemanticUNetConfig:
         class_scheme: Optional name of the class scheme of the type maps the model was trained on
             (:data:`diffaug.data.schemes.SCHEMES`), so pipelines can check a type map's classes.
         class_names: Optional names of the ``num_classes`` classes, background first.
+        mpp: Optional µm per pixel of the training images (metadata: generation records it beside the data's).
         diffusion: Diffusion settings the model was trained with, consumed by :mod:`diffaug.diffusion`. The model
             itself reads only ``num_train_timesteps``, to validate timesteps.
     """
@@ -133,6 +134,7 @@ class SemanticUNetConfig:
     in_channels: int = 3
     class_scheme: str | None = None
     class_names: tuple[str, ...] | None = None
+    mpp: float | None = None
     diffusion: Mapping[str, Any] = field(default_factory=lambda: dict(_DEFAULT_DIFFUSION))
 
     def __post_init__(self) -> None:
@@ -262,6 +264,9 @@ class SemanticUNetConfig:
                     or not all(isinstance(n, str) for n in self.class_names)):
                 raise ConfigError(f"model config: class_names must list {self.num_classes} names (background first), "
                                   f"got {self.class_names!r}")
+        if self.mpp is not None and (isinstance(self.mpp, bool) or not isinstance(self.mpp, (int, float))
+                                     or not self.mpp > 0):
+            raise ConfigError(f"model config: mpp must be a positive number of µm per pixel, got {self.mpp!r}")
 
         if not isinstance(self.diffusion, dict):
             raise ConfigError(f"model config: diffusion must be a mapping, got {self.diffusion!r}")
