@@ -320,3 +320,17 @@ def test_progress_bar_counts_outputs_with_an_eta(small_data: Path, fixture_model
     err = capsys.readouterr().err
     assert "generate" in err and "2/2" in err
     assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", err), err  # tqdm's [elapsed<ETA
+
+
+def test_online_pool_prefills_from_a_generate_output(reference_run, tmp_path: Path):
+    """What `diffaug generate --format tiles` writes is what SynthesisPool.prefill_from_folder reads (model-size
+    pairs: the pool then serves training pipelines that crop to the model's window)."""
+    from diffaug.transforms import SynthesisPool
+
+    opts, _ = reference_run
+    with SynthesisPool.create(capacity=8, tile_shape=(64, 64), reuse=2, directory=tmp_path) as pool:
+        assert pool.prefill_from_folder(opts.out / "tiles") == opts.limit
+        pair = pool.try_take(np.random.default_rng(0))
+        names = sorted(p.stem for p in (opts.out / "tiles").glob("*.png"))
+        images = {read_image(opts.out / "tiles" / f"{n}.png").tobytes() for n in names}
+        assert pair is not None and pair.image.tobytes() in images and pair.type_map is not None
