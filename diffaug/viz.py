@@ -22,12 +22,9 @@ CLASS_COLOURS = np.array([
 
 def _boundaries(inst_map: np.ndarray) -> np.ndarray:
     """Pixels whose 4-neighbour differs in id, inside nuclei (thin inner contours)."""
-    b = np.zeros(inst_map.shape, dtype=bool)
-    b[:, 1:] |= inst_map[:, 1:] != inst_map[:, :-1]
-    b[:, :-1] |= inst_map[:, 1:] != inst_map[:, :-1]
-    b[1:, :] |= inst_map[1:, :] != inst_map[:-1, :]
-    b[:-1, :] |= inst_map[1:, :] != inst_map[:-1, :]
-    return b & (inst_map > 0)
+    from diffaug.labels.condition import instance_edges
+
+    return instance_edges(inst_map) & (inst_map > 0)
 
 
 def overlay_labels(image: np.ndarray | None, inst_map: np.ndarray, type_map: np.ndarray | None = None,
