@@ -11,6 +11,7 @@
 
 Item ``i`` of a run draws its label edit from ``numpy.random.default_rng([seed, i])`` and its start noise from
 ``torch.Generator().manual_seed(item_seed(seed, i))``, so any subset, order or batch size gives the same pairs.
+Tiles larger than the model are rendered in model-size windows (see :func:`render`).
 """
 
 from __future__ import annotations
@@ -70,35 +71,57 @@ def edit_labels(tile: Tile, policy: Policy, rng: np.random.Generator, bank: Dono
 def render(pipe: Any, items: Sequence[tuple[np.ndarray | None, np.ndarray, np.ndarray | None]], *, seed: int,
            settings: SynthesisSettings = SynthesisSettings(),
            progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
-    """Render one image per ``(image, inst_map, type_map)`` item with ``pipe`` (items of one size batch together).
+    """Render one image per ``(image, inst_map, type_map)`` item with ``pipe``.
 
-    Item ``i`` starts from the noise ``torch.Generator().manual_seed(item_seed(seed, i))``, drawn on the CPU, so a
-    seed gives the same images on every device and batch size. ``image`` is the start of partial noise (unused at
-    ``strength=1.0``).
+    Item ``i`` starts from the noise ``torch.Generator().manual_seed(item_seed(seed, i))`` of its full size, drawn
+    on the CPU, so a seed gives the same images on every device and batch size. ``image`` is the start of partial
+    noise (unused at ``strength=1.0``). An item larger than the model's ``image_size`` is rendered in model-size
+    windows (:func:`diffaug.generate.plan.tile_windows`: non-overlapping, the last row and column flush) that are
+    pasted back, as ``diffaug generate`` renders tiles: the model then always sees the size it was trained at, and
+    its attention layers do not grow with the tile. Windows of all items are batched together.
     """
     import torch
 
-    images: list[np.ndarray | None] = [None] * len(items)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
+    from diffaug.generate.plan import tile_windows
+
+    size = getattr(getattr(getattr(pipe, "model", None), "config", None), "image_size", None)
+    noises = [torch.randn((3, *inst_map.shape), generator=torch.Generator().manual_seed(item_seed(seed, i)))
+              for i, (_, inst_map, _) in enumerate(items)]
+    # (item, y0, x0, h, w) per model call: whole items when the model takes any size or the item fits
+    windows: list[tuple[int, int, int, int, int]] = []
     for i, (_, inst_map, _) in enumerate(items):
-        by_shape.setdefault(inst_map.shape, []).append(i)
-    for indices in by_shape.values():
-        for start in range(0, len(indices), settings.batch_size):
-            chunk = indices[start:start + settings.batch_size]
-            noise = torch.cat([torch.randn((1, 3) + items[i][1].shape,
-                                           generator=torch.Generator().manual_seed(item_seed(seed, i)))
-                               for i in chunk])
-            typed = items[chunk[0]][2] is not None
-            result = pipe(image=None if settings.strength == 1.0 else [items[i][0] for i in chunk],
-                          inst_map=[items[i][1] for i in chunk],
-                          type_map=[items[i][2] for i in chunk] if typed else None,
+        h, w = inst_map.shape
+        if size is None or (h <= size and w <= size):
+            windows.append((i, 0, 0, h, w))
+        else:
+            windows += [(i, y, x, size, size) for y, x in tile_windows((h, w), size, tile=f"item {i}")]
+    images = [np.zeros((*inst_map.shape, 3), np.uint8) for _, inst_map, _ in items]
+    left = [sum(1 for win in windows if win[0] == i) for i in range(len(items))]
+    by_shape: dict[tuple[int, int], list[tuple[int, int, int, int, int]]] = {}
+    for win in windows:
+        by_shape.setdefault(win[3:], []).append(win)
+    typed = items[0][2] is not None if items else False
+    for group in by_shape.values():
+        for start in range(0, len(group), settings.batch_size):
+            chunk = group[start:start + settings.batch_size]
+            cut = [(slice(y, y + h), slice(x, x + w)) for _, y, x, h, w in chunk]
+            noise = torch.stack([noises[i][:, rows, cols] for (i, *_), (rows, cols) in zip(chunk, cut)])
+            result = pipe(image=None if settings.strength == 1.0 else
+                          [np.ascontiguousarray(items[i][0][rows, cols]) for (i, *_), (rows, cols) in zip(chunk, cut)],
+                          inst_map=[np.ascontiguousarray(items[i][1][rows, cols])
+                                    for (i, *_), (rows, cols) in zip(chunk, cut)],
+                          type_map=[np.ascontiguousarray(items[i][2][rows, cols])
+                                    for (i, *_), (rows, cols) in zip(chunk, cut)] if typed else None,
                           strength=settings.strength, num_inference_steps=settings.num_inference_steps,
-                          guidance_scale=settings.guidance_scale, noise=noise)
-            for i, image in zip(chunk, result.images):
-                images[i] = image
-            if progress is not None:
-                progress(len(chunk))
-    return images  # type: ignore[return-value]
+                          guidance_scale=settings.guidance_scale, noise=noise.contiguous())
+            finished = 0
+            for (i, *_), (rows, cols), image in zip(chunk, cut, result.images):
+                images[i][rows, cols] = image
+                left[i] -= 1
+                finished += left[i] == 0
+            if progress is not None and finished:
+                progress(finished)
+    return images
 
 
 def diffmix_pairs(tiles: Sequence[Tile], policy: Policy, pipe: Any, *, seed: int, bank: DonorBank | None,
