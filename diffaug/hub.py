@@ -286,6 +286,11 @@ def resolve_pretrained_info(path_or_repo_id: str | os.PathLike[str], revision: s
         text, is_path = path_or_repo_id, False
     else:
         raise WeightsError(f"expected a folder, a Hub repo id or a registered name, got {type(path_or_repo_id)!r}")
+    if not is_path and text == BUILTIN:  # the reserved name wins over a folder called "builtin" (pass ./builtin)
+        if revision is not None:
+            raise WeightsError(f"the built-in checkpoint ships with diffaug and has no revisions; drop "
+                               f"revision={revision!r} (--revision)")
+        return ResolvedWeights(path=builtin_weights(), kind="builtin")
     local = Path(text).expanduser()
     if local.is_dir():
         if revision is not None:
@@ -298,10 +303,6 @@ def resolve_pretrained_info(path_or_repo_id: str | os.PathLike[str], revision: s
     if local.exists():
         raise WeightsError(f"{local} is a file; give the folder that holds {' and '.join(_MODEL_FILES)} (convert an "
                            f"original checkpoint with `diffaug convert --from-sdm`)")
-    if not is_path and text == BUILTIN:
-        if revision is not None:
-            raise WeightsError(f"the built-in checkpoint ships with diffaug; revision={revision!r} does not apply")
-        return ResolvedWeights(path=builtin_weights(), kind="builtin")
     if not is_path and text in REGISTRY:
         return _resolve_registered(text, REGISTRY[text], revision, cache_dir)
     if not is_path and _REPO_ID.fullmatch(text):

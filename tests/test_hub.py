@@ -163,6 +163,11 @@ def test_builtin_name_resolves_to_the_shipped_checkpoint(tmp_path: Path, tiny_fo
     monkeypatch.setattr(hub, "_builtin_candidates", lambda: [tmp_path / "missing", tiny_folder])
     info = hub.resolve_pretrained_info("builtin")
     assert info.path == tiny_folder and info.kind == "builtin" and info.commit_sha is None
+    (tmp_path / "builtin").mkdir()
+    monkeypatch.chdir(tmp_path)  # the reserved name wins over a folder called "builtin"; a Path names the folder
+    assert hub.resolve_pretrained("builtin") == tiny_folder
+    with pytest.raises(WeightsError, match="not a diffaug model folder"):
+        hub.resolve_pretrained(Path("builtin"))
     with pytest.raises(WeightsError, match="revision"):
         hub.resolve_pretrained("builtin", revision="main")
     monkeypatch.setattr(hub, "_builtin_candidates", lambda: [tmp_path / "missing"])

@@ -16,6 +16,7 @@ Tiles larger than the model are rendered in model-size windows (see :func:`rende
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -96,27 +97,27 @@ def render(pipe: Any, items: Sequence[tuple[np.ndarray | None, np.ndarray, np.nd
         else:
             windows += [(i, y, x, size, size) for y, x in tile_windows((h, w), size, tile=f"item {i}")]
     images = [np.zeros((*inst_map.shape, 3), np.uint8) for _, inst_map, _ in items]
-    left = [sum(1 for win in windows if win[0] == i) for i in range(len(items))]
+    left = Counter(i for i, *_ in windows)  # windows still to render, per item
     by_shape: dict[tuple[int, int], list[tuple[int, int, int, int, int]]] = {}
     for win in windows:
         by_shape.setdefault(win[3:], []).append(win)
     typed = items[0][2] is not None if items else False
     for group in by_shape.values():
         for start in range(0, len(group), settings.batch_size):
-            chunk = group[start:start + settings.batch_size]
-            cut = [(slice(y, y + h), slice(x, x + w)) for _, y, x, h, w in chunk]
-            noise = torch.stack([noises[i][:, rows, cols] for (i, *_), (rows, cols) in zip(chunk, cut)])
-            result = pipe(image=None if settings.strength == 1.0 else
-                          [np.ascontiguousarray(items[i][0][rows, cols]) for (i, *_), (rows, cols) in zip(chunk, cut)],
-                          inst_map=[np.ascontiguousarray(items[i][1][rows, cols])
-                                    for (i, *_), (rows, cols) in zip(chunk, cut)],
-                          type_map=[np.ascontiguousarray(items[i][2][rows, cols])
-                                    for (i, *_), (rows, cols) in zip(chunk, cut)] if typed else None,
-                          strength=settings.strength, num_inference_steps=settings.num_inference_steps,
-                          guidance_scale=settings.guidance_scale, noise=noise.contiguous())
+            chunk = [(i, (slice(y, y + h), slice(x, x + w)))
+                     for i, y, x, h, w in group[start:start + settings.batch_size]]
+
+            def crops(k: int) -> list[np.ndarray]:
+                return [np.ascontiguousarray(items[i][k][win]) for i, win in chunk]
+
+            noise = torch.stack([noises[i][(slice(None), *win)] for i, win in chunk])
+            result = pipe(image=None if settings.strength == 1.0 else crops(0), inst_map=crops(1),
+                          type_map=crops(2) if typed else None, strength=settings.strength,
+                          num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                          noise=noise.contiguous())
             finished = 0
-            for (i, *_), (rows, cols), image in zip(chunk, cut, result.images):
-                images[i][rows, cols] = image
+            for (i, win), image in zip(chunk, result.images):
+                images[i][win] = image
                 left[i] -= 1
                 finished += left[i] == 0
             if progress is not None and finished:

@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from diffaug.errors import WeightsError
+from diffaug.hub import BUILTIN, builtin_weights, resolve_pretrained_info
+
 __all__ = ["BUILTIN", "WeightsInfo", "builtin_weights", "resolve_weights", "sha256_file"]
-
-from diffaug.hub import BUILTIN, builtin_weights
-
-_MODEL_FILES = ("config.json", "model.safetensors")
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -100,19 +98,11 @@ def resolve_weights(weights: str | os.PathLike[str], revision: str | None = None
         WeightsError: unknown weights (no such folder, not a registered name or a repo id), a folder without the model
             files, a Hub repo that is neither cached nor downloadable, or an unreadable config.
     """
-    text = os.fspath(weights)
-    if text == BUILTIN:
-        if revision is not None:
-            raise WeightsError(f"--revision {revision}: the built-in checkpoint has no revisions; drop --revision")
-        path, kind, repo_id, rev, commit = builtin_weights(), BUILTIN, None, None, None
-    else:
-        from diffaug.hub import resolve_pretrained_info
-
-        resolved = resolve_pretrained_info(weights, revision=revision)
-        path, kind = Path(resolved.path), resolved.kind
-        repo_id, rev, commit = resolved.repo_id, resolved.revision, resolved.commit_sha
+    resolved = resolve_pretrained_info(weights, revision=revision)
+    path = Path(resolved.path)
     config = _read_config(path)
-    return WeightsInfo(id=text, path=path.resolve(), sha256=sha256_file(path / "model.safetensors"), kind=kind,
-                       repo_id=repo_id, revision=rev, commit_sha=commit, image_size=int(config["image_size"]),
+    return WeightsInfo(id=os.fspath(weights), path=path.resolve(), sha256=sha256_file(path / "model.safetensors"),
+                       kind=resolved.kind, repo_id=resolved.repo_id, revision=resolved.revision,
+                       commit_sha=resolved.commit_sha, image_size=int(config["image_size"]),
                        num_classes=int(config["num_classes"]), class_scheme=config.get("class_scheme"),
                        mpp=_mpp(config, path))
